@@ -1,0 +1,1 @@
+"""Pure models and rules of the platform; imports nothing of ours and nothing of Dagster."""

@@ -1,0 +1,1 @@
+"""Llm package."""
