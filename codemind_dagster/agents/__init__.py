@@ -1,1 +1,1 @@
-"""Agents package."""
+"""The agents: typed tasks that reach models only through the model router."""

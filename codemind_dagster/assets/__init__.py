@@ -1,1 +1,1 @@
-"""Assets package."""
+"""Assets by group: intake, delivery, platform, finops."""

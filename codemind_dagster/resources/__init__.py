@@ -1,1 +1,1 @@
-"""Resources package."""
+"""Resources: platform database, graph store, artifacts, sandbox, runtime and the model router."""

@@ -1,1 +1,1 @@
-"""Sensors package."""
+"""Sensors: intents and promotion."""

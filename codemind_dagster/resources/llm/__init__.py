@@ -1,1 +1,1 @@
-"""Llm package."""
+"""The model router, its providers, price table, response cache and ledger."""

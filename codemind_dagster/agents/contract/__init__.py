@@ -1,0 +1,1 @@
+"""Contract tests derived from an intent alone (spec section 2)."""

@@ -1,0 +1,1 @@
+"""Deterministic offline solutions of agent tasks: no model, same answer every time."""
