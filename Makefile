@@ -1,0 +1,39 @@
+# Needs only Python 3.11+ and pip: uv is bootstrapped into .tools/ when it is not on PATH.
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+UV := $(shell command -v uv 2>/dev/null)
+ifeq ($(UV),)
+UV := .tools/bin/uv
+endif
+
+.PHONY: setup demo test test-fast ui down validate bench clean
+setup: .venv/.synced
+
+.tools/bin/uv:
+	$(PYTHON) -m venv .tools
+	.tools/bin/python -m pip install --quiet "uv==$(UV_VERSION)"
+
+.venv/.synced: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen
+	@touch $@
+
+demo: setup  ## set up, then take every sample intent to production
+	.venv/bin/codemind demo
+
+test: setup  ## set up, then run every test (PostgreSQL ones included)
+	.venv/bin/python -m pytest
+
+validate: setup
+	.venv/bin/dagster definitions validate -m codemind_dagster.definitions
+
+ui: setup
+	.venv/bin/codemind ui
+
+down: setup
+	.venv/bin/codemind down
+
+bench: setup
+	.venv/bin/python benchmarks/pipeline.py
+
+clean:
+	rm -rf .venv .tools .codemind

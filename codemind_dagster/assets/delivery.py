@@ -1,0 +1,140 @@
+"""Delivery: plan, code, tests with blocking checks, and the release candidate of each intent."""
+
+
+import shutil
+
+import dagster as dg
+from pydantic import BaseModel
+
+from codemind_dagster.agents.coding import CODE_TASK, CodeInput
+from codemind_dagster.agents.planning import PLAN_TASK, PlanInput
+from codemind_dagster.agents.testing import CONTRACT_TASK, ContractInput, run_tests
+from codemind_dagster.assets.partitions import intent_partitions
+from codemind_dagster.domain.business_model import BusinessModel
+from codemind_dagster.domain.code import bundle_hash
+from codemind_dagster.domain.intent import Intent
+from codemind_dagster.domain.plan import ImplementationPlan
+from codemind_dagster.domain.testing import CHECK_NAMES, TestReport, evaluate_checks
+from codemind_dagster.resources.platform import (
+    ArtifactStoreResource,
+    DatabaseResource,
+    ModelRouterResource,
+    TestSandboxResource,
+)
+
+OWNERS = ["team:platform"]
+
+
+class GeneratedCode(BaseModel):
+    artifact: str
+    files: list[str]
+    rules_not_implemented: list[str]
+
+
+class Release(BaseModel):
+    intent: str
+    artifact: str
+    spec_hash: str
+
+
+def _budget(intent: Intent) -> float | None:
+    return intent.spec.budget.llm_usd if intent.spec.budget else None
+
+
+@dg.asset(partitions_def=intent_partitions, group_name="delivery", kinds={"python"}, owners=OWNERS,
+          description="The planning agent's plan: routes, storage, files, rules it will not implement.")
+def implementation_plan(context: dg.AssetExecutionContext, business_intents: Intent,
+                        business_model: BusinessModel, llm: ModelRouterResource) -> ImplementationPlan:
+    plan = llm.router().run(PLAN_TASK, PlanInput(intent=business_intents.canonical()),
+                            intent=business_intents.name, run_id=context.run_id,
+                            intent_budget_usd=_budget(business_intents))
+    context.add_output_metadata({
+        "routes": dg.MetadataValue.md("\n".join(f"- `{r.method} {r.path}` ({r.operation})" for r in plan.routes)),
+        "graph_nodes": len(business_model.nodes),
+        "rules_not_implemented": dg.MetadataValue.md("\n".join(f"- {r}" for r in plan.rules_not_implemented)
+                                                     or "none"),
+    })
+    return plan
+
+
+@dg.asset(partitions_def=intent_partitions, group_name="delivery", kinds={"python", "fastapi"}, owners=OWNERS,
+          description="The code agent's service bundle, stored by content hash.")
+def generated_code(context: dg.AssetExecutionContext, business_intents: Intent,
+                   implementation_plan: ImplementationPlan, llm: ModelRouterResource,
+                   artifacts: ArtifactStoreResource) -> GeneratedCode:
+    bundle = llm.router().run(CODE_TASK, CodeInput(intent=business_intents.canonical(), plan=implementation_plan),
+                              intent=business_intents.name, run_id=context.run_id,
+                              intent_budget_usd=_budget(business_intents))
+    digest = artifacts.store().put_bundle(bundle.files)
+    lines = sum(text.count("\n") for text in bundle.files.values())
+    context.add_output_metadata({
+        "artifact": digest, "files": len(bundle.files), "lines": lines,
+        "rules_not_implemented": dg.MetadataValue.md("\n".join(f"- {r}" for r in bundle.rules_not_implemented)
+                                                     or "none"),
+    })
+    return GeneratedCode(artifact=digest, files=sorted(bundle.files),
+                         rules_not_implemented=bundle.rules_not_implemented)
+
+
+@dg.asset(
+    partitions_def=intent_partitions, group_name="delivery", kinds={"pytest"}, owners=OWNERS,
+    description="Contract tests derived from the intent, run with the code's own tests in a sandbox.",
+    check_specs=[dg.AssetCheckSpec(name, asset="test_results", blocking=True, description=d) for name, d in zip(
+        CHECK_NAMES, ("Every contract test of spec section 2 passes.", "Line coverage of service/ meets the "
+                      "threshold.", "The static security scan (bandit) finds nothing of high severity."),
+        strict=True)],
+)
+def test_results(context: dg.AssetExecutionContext, business_intents: Intent, generated_code: GeneratedCode,
+                 llm: ModelRouterResource, artifacts: ArtifactStoreResource, sandbox: TestSandboxResource,
+                 database: DatabaseResource):
+    intent = business_intents
+    suite = llm.router().run(CONTRACT_TASK, ContractInput(intent=intent.canonical()), intent=intent.name,
+                             run_id=context.run_id, intent_budget_usd=_budget(intent))
+    db = database.client()
+    key = bundle_hash({"code": generated_code.artifact, **suite.files})
+    stored = db.test_run(intent.name, key)
+    if stored is not None:
+        report, reused = TestReport.model_validate(stored), True
+    else:
+        box = sandbox.sandbox()
+        workdir = box.root / f"{intent.name}-{key[:12]}-{context.run_id[:8]}"
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
+        try:
+            report = run_tests(bundle=artifacts.store().read_bundle(generated_code.artifact), suite=suite,
+                               artifact=generated_code.artifact, workdir=workdir, sandbox=box)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        db.save_test_run(intent.name, key, report.model_dump(mode="json"))
+        reused = False
+    yield dg.Output(report, metadata={
+        "artifact": generated_code.artifact, "reused_from_earlier_run": reused,
+        "contract_passed": report.contract.passed, "contract_failed": report.contract.failed + report.contract.errors,
+        "own_passed": report.own.passed, "own_failed": report.own.failed + report.own.errors,
+        "coverage_percent": report.coverage_percent, "security_high": report.security_high,
+        "duration_s": report.duration_s, "sandbox": report.sandbox_reason or "ok",
+        "failures": dg.MetadataValue.md("\n".join(f"- `{f}`" for f in report.failures) or "none"),
+    })
+    for name, outcome in evaluate_checks(report, sandbox.coverage_threshold).items():
+        yield dg.AssetCheckResult(check_name=name, passed=outcome.passed, metadata={"detail": outcome.detail})
+
+
+@dg.asset(partitions_def=intent_partitions, group_name="delivery", kinds={"python"}, owners=OWNERS,
+          description="The tested bundle, released for promotion (recorded in the platform DB).")
+def release_candidate(context: dg.AssetExecutionContext, business_intents: Intent, generated_code: GeneratedCode,
+                      test_results: TestReport, database: DatabaseResource, artifacts: ArtifactStoreResource,
+                      ) -> Release:
+    db = database.client()
+    latest = db.latest_release(business_intents.name)
+    if latest is None or latest.artifact != generated_code.artifact or latest.spec_hash != business_intents.content_hash:
+        db.add_release(business_intents.name, generated_code.artifact, business_intents.content_hash, context.run_id)
+    db.set_intent_error(business_intents.name, None)
+    context.add_output_metadata({
+        "artifact": generated_code.artifact,
+        "bundle": dg.MetadataValue.path(str(artifacts.store().bundle_dir(generated_code.artifact))),
+        "command": "python -m uvicorn service.app:app --host 127.0.0.1 --port $PORT",
+        "tests_passed": test_results.passed, "coverage_percent": test_results.coverage_percent,
+        "environments": ", ".join(business_intents.spec.promotion.environments),
+    })
+    return Release(intent=business_intents.name, artifact=generated_code.artifact,
+                   spec_hash=business_intents.content_hash)

@@ -1,0 +1,5 @@
+"""Partitions shared by the asset groups."""
+
+import dagster as dg
+
+intent_partitions = dg.DynamicPartitionsDefinition(name="intents")

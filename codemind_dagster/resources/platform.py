@@ -1,0 +1,109 @@
+"""Dagster resources: thin, configurable handles on the platform's clients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import dagster as dg
+
+from codemind_dagster.resources.database import PlatformDB
+
+if TYPE_CHECKING:
+    from codemind_dagster.resources.artifacts import LocalArtifactStore
+    from codemind_dagster.resources.graph import SqlGraphStore
+    from codemind_dagster.resources.intent_store import IntentStore
+    from codemind_dagster.resources.llm.router import ModelRouter
+    from codemind_dagster.resources.runtime import LocalRuntime
+    from codemind_dagster.resources.sandbox import SubprocessSandbox
+
+_MIGRATED: set[str] = set()
+
+
+class DatabaseResource(dg.ConfigurableResource):
+    """The platform database: SQLite under CODEMIND_HOME by default, PostgreSQL by URL."""
+
+    url: str
+
+    def client(self) -> PlatformDB:
+        db = PlatformDB(self.url)
+        if self.url not in _MIGRATED:
+            db.migrate()
+            _MIGRATED.add(self.url)
+        return db
+
+
+class IntentStoreResource(dg.ConfigurableResource):
+    """Validated intents: the watched directory plus the intents table."""
+
+    database: DatabaseResource
+    directory: str
+
+    def store(self) -> IntentStore:
+        from codemind_dagster.resources.intent_store import IntentStore
+
+        return IntentStore(self.database.client(), Path(self.directory))
+
+
+class ArtifactStoreResource(dg.ConfigurableResource):
+    """Content-addressed code bundles and test reports."""
+
+    root: str
+
+    def store(self) -> LocalArtifactStore:
+        from codemind_dagster.resources.artifacts import LocalArtifactStore
+
+        return LocalArtifactStore(Path(self.root))
+
+
+class GraphStoreResource(dg.ConfigurableResource):
+    """The business-model graph: SQL tables of the platform database."""
+
+    database: DatabaseResource
+
+    def store(self) -> SqlGraphStore:
+        from codemind_dagster.resources.graph import SqlGraphStore
+
+        return SqlGraphStore(self.database.client())
+
+
+class ModelRouterResource(dg.ConfigurableResource):
+    """The only door from agents to models: cache, budgets and ledger."""
+
+    database: DatabaseResource
+    daily_budget_usd: float
+    run_budget_usd: float
+
+    def router(self) -> ModelRouter:
+        from codemind_dagster.resources.llm.router import ModelRouter
+
+        return ModelRouter(db=self.database.client(), daily_budget_usd=self.daily_budget_usd,
+                           run_budget_usd=self.run_budget_usd)
+
+
+class TestSandboxResource(dg.ConfigurableResource):
+    """Where generated tests run: a subprocess with a time limit, a memory cap and a scrubbed env."""
+
+    __test__ = False  # not a pytest class
+
+    root: str
+    timeout_s: float
+    memory_mb: int
+    coverage_threshold: float
+
+    def sandbox(self) -> SubprocessSandbox:
+        from codemind_dagster.resources.sandbox import SubprocessSandbox
+
+        return SubprocessSandbox(Path(self.root), timeout_s=self.timeout_s, memory_mb=self.memory_mb)
+
+
+class RuntimeResource(dg.ConfigurableResource):
+    """The deploy target: local processes behind a stable port per environment, blue/green."""
+
+    root: str
+    health_timeout_s: float
+
+    def runtime(self) -> LocalRuntime:
+        from codemind_dagster.resources.runtime import LocalRuntime
+
+        return LocalRuntime(Path(self.root), health_timeout_s=self.health_timeout_s)

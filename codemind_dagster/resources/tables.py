@@ -1,0 +1,133 @@
+"""Tables of the platform database; Alembic migrations are written against this metadata."""
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+TS = sa.DateTime(timezone=True)
+
+intents = sa.Table(
+    "intents", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("spec_hash", sa.String(64), nullable=False),
+    sa.Column("spec", sa.JSON, nullable=False),
+    sa.Column("source", sa.String(1024), nullable=False),
+    sa.Column("submitted_at", TS, nullable=False),
+    sa.Column("requested_hash", sa.String(64)),
+    sa.Column("requested_at", TS),
+    sa.Column("error", sa.Text),
+    sa.Column("error_at", TS),
+)
+
+rejected_intents = sa.Table(
+    "rejected_intents", metadata,
+    sa.Column("file", sa.String(1024), primary_key=True),
+    sa.Column("error", sa.Text, nullable=False),
+    sa.Column("file_hash", sa.String(64), nullable=False),
+    sa.Column("at", TS, nullable=False),
+)
+
+graph_nodes = sa.Table(
+    "graph_nodes", metadata,
+    sa.Column("intent", sa.String(64), primary_key=True),
+    sa.Column("key", sa.String(128), primary_key=True),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("properties", sa.JSON, nullable=False),
+)
+
+graph_edges = sa.Table(
+    "graph_edges", metadata,
+    sa.Column("intent", sa.String(64), primary_key=True),
+    sa.Column("src", sa.String(128), primary_key=True),
+    sa.Column("dst", sa.String(128), primary_key=True),
+    sa.Column("kind", sa.String(32), primary_key=True),
+    sa.Column("properties", sa.JSON, nullable=False),
+)
+
+llm_ledger = sa.Table(
+    "llm_ledger", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", TS, nullable=False, index=True),
+    sa.Column("run_id", sa.String(64)),
+    sa.Column("intent", sa.String(64), index=True),
+    sa.Column("task", sa.String(64), nullable=False),
+    sa.Column("provider", sa.String(32), nullable=False),
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("input_tokens", sa.Integer, nullable=False, default=0),
+    sa.Column("cache_write_tokens", sa.Integer, nullable=False, default=0),
+    sa.Column("cache_read_tokens", sa.Integer, nullable=False, default=0),
+    sa.Column("output_tokens", sa.Integer, nullable=False, default=0),
+    sa.Column("reasoning_tokens", sa.Integer, nullable=False, default=0),
+    sa.Column("cost_usd", sa.Numeric(18, 8), nullable=False, default=0),
+    sa.Column("price_version", sa.String(32), nullable=False),
+    sa.Column("latency_ms", sa.Float, nullable=False, default=0),
+    sa.Column("outcome", sa.String(32), nullable=False),
+    sa.Column("cache_hit", sa.Boolean, nullable=False, default=False),
+    sa.Column("error", sa.Text),
+)
+
+llm_cache = sa.Table(
+    "llm_cache", metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("task", sa.String(64), nullable=False),
+    sa.Column("provider", sa.String(32), nullable=False),
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("response", sa.JSON, nullable=False),
+    sa.Column("created_at", TS, nullable=False),
+)
+
+test_runs = sa.Table(
+    "test_runs", metadata,
+    sa.Column("intent", sa.String(64), primary_key=True),
+    sa.Column("artifact", sa.String(64), primary_key=True),
+    sa.Column("report", sa.JSON, nullable=False),
+    sa.Column("at", TS, nullable=False),
+)
+
+releases = sa.Table(
+    "releases", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("intent", sa.String(64), nullable=False, index=True),
+    sa.Column("artifact", sa.String(64), nullable=False),
+    sa.Column("spec_hash", sa.String(64), nullable=False),
+    sa.Column("run_id", sa.String(64)),
+    sa.Column("created_at", TS, nullable=False),
+)
+
+deployments = sa.Table(
+    "deployments", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("intent", sa.String(64), nullable=False, index=True),
+    sa.Column("environment", sa.String(16), nullable=False),
+    sa.Column("artifact", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("url", sa.String(256)),
+    sa.Column("pid", sa.Integer),
+    sa.Column("run_id", sa.String(64)),
+    sa.Column("started_at", TS, nullable=False),
+    sa.Column("finished_at", TS),
+    sa.Column("detail", sa.Text),
+)
+
+promotions = sa.Table(
+    "promotions", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("intent", sa.String(64), nullable=False),
+    sa.Column("environment", sa.String(16), nullable=False),
+    sa.Column("artifact", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("run_id", sa.String(64)),
+    sa.Column("requested_at", TS, nullable=False),
+    sa.Column("updated_at", TS, nullable=False),
+    sa.Column("detail", sa.Text),
+    sa.UniqueConstraint("intent", "environment", "artifact", name="uq_promotion_target"),
+)
+
+approvals = sa.Table(
+    "approvals", metadata,
+    sa.Column("intent", sa.String(64), primary_key=True),
+    sa.Column("environment", sa.String(16), primary_key=True),
+    sa.Column("artifact", sa.String(64), primary_key=True),
+    sa.Column("approved_by", sa.String(128), nullable=False),
+    sa.Column("at", TS, nullable=False),
+)

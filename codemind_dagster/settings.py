@@ -1,0 +1,65 @@
+"""One typed settings object, read from the environment."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class Settings(BaseModel):
+    """Everything configurable; `Settings.from_env()` is the only reader of CODEMIND_* variables."""
+
+    profile: Literal["local", "k8s"] = "local"
+    home: Path = Path(".codemind")
+    database_url: str | None = None
+    daily_llm_budget_usd: float = Field(default=50.0, ge=0)
+    run_llm_budget_usd: float = Field(default=10.0, ge=0)
+    sandbox_timeout_s: float = Field(default=180.0, gt=0)
+    sandbox_memory_mb: int = Field(default=2048, ge=128)
+    health_timeout_s: float = Field(default=30.0, gt=0)
+    coverage_threshold: float = Field(default=80.0, ge=0, le=100)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        e = os.environ if env is None else env
+        raw = {
+            "profile": e.get("CODEMIND_PROFILE"),
+            "home": e.get("CODEMIND_HOME"),
+            "database_url": e.get("CODEMIND_DATABASE_URL"),
+            "daily_llm_budget_usd": e.get("CODEMIND_DAILY_LLM_BUDGET_USD"),
+            "run_llm_budget_usd": e.get("CODEMIND_RUN_LLM_BUDGET_USD"),
+            "sandbox_timeout_s": e.get("CODEMIND_SANDBOX_TIMEOUT_S"),
+            "sandbox_memory_mb": e.get("CODEMIND_SANDBOX_MEMORY_MB"),
+            "health_timeout_s": e.get("CODEMIND_HEALTH_TIMEOUT_S"),
+            "coverage_threshold": e.get("CODEMIND_COVERAGE_THRESHOLD"),
+        }
+        s = cls.model_validate({k: v for k, v in raw.items() if v not in (None, "")})
+        return s.model_copy(update={"home": s.home.expanduser().resolve()})
+
+    @cached_property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'platform.db'}"
+
+    @property
+    def intents_dir(self) -> Path:
+        return self.home / "intents"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.home / "artifacts"
+
+    @property
+    def runtime_dir(self) -> Path:
+        return self.home / "runtime"
+
+    @property
+    def sandbox_dir(self) -> Path:
+        return self.home / "sandbox"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.home / "dagster"

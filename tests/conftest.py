@@ -1,0 +1,91 @@
+"""Shared fixtures: every test writes under its own temporary CODEMIND_HOME and stops what it starts."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples" / "intents"
+PG_ADMIN_URL = os.environ.get("CODEMIND_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(autouse=True)
+def codemind_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "codemind-home"
+    monkeypatch.setenv("CODEMIND_HOME", str(home))
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
+    monkeypatch.delenv("CODEMIND_DATABASE_URL", raising=False)
+    monkeypatch.setenv("CODEMIND_HEALTH_TIMEOUT_S", "20")
+    return home
+
+
+@pytest.fixture
+def settings(codemind_home: Path):
+    from codemind_dagster.settings import Settings
+
+    return Settings.from_env()
+
+
+@pytest.fixture
+def runtime_cleanup(settings):
+    """Stops every deployment a test made, even when it fails."""
+    yield
+    from codemind_dagster.resources.runtime import LocalRuntime
+
+    LocalRuntime(settings.runtime_dir).stop_all()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """A fresh database on the local PostgreSQL server, dropped after the session."""
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"codemind_test_{uuid.uuid4().hex[:10]}"
+    try:
+        with admin.connect() as c:
+            c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as e:
+        pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is not reachable: {e.orig}")
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    yield url
+    from codemind_dagster.resources.database import _ENGINES
+
+    if url in _ENGINES:
+        _ENGINES.pop(url).dispose()
+    with admin.connect() as c:
+        c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db(request, tmp_path: Path):
+    """The platform DB on SQLite and on PostgreSQL: same code, same migrations."""
+    from codemind_dagster.resources.database import PlatformDB
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'platform.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+        import sqlalchemy as sa
+
+        from codemind_dagster.resources.tables import metadata
+
+        # Each test starts from an empty schema on the shared session database.
+        eng = sa.create_engine(url)
+        with eng.begin() as c:
+            metadata.drop_all(c)
+            c.execute(sa.text("DROP TABLE IF EXISTS alembic_version"))
+        eng.dispose()
+    database = PlatformDB(url)
+    database.migrate()
+    return database
+
+
+@pytest.fixture
+def examples() -> Path:
+    return EXAMPLES
