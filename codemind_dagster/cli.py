@@ -82,8 +82,14 @@ def status(as_json: bool) -> None:
     _print_status(doc)
 
 
-def _print_status(doc: dict) -> None:
+def console():
+    """Rich console; logs and pipes get full-width lines instead of 80-column wrapping."""
     from rich.console import Console
+
+    return Console(soft_wrap=True, highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def _print_status(doc: dict) -> None:
     from rich.table import Table
 
     table = Table(title="CodeMind intents")
@@ -96,10 +102,10 @@ def _print_status(doc: dict) -> None:
         state = i["state"] + (f"\n[red]{i['error'][:200]}[/]" if i["error"] else "")
         table.add_row(i["name"], state, f"{i['tests']['passed']} passed / {i['tests']['failed']} failed", cov,
                       envs, f"{i['llm_cost_usd']:.4f}")
-    console = Console()
-    console.print(table)
+    out = console()
+    out.print(table)
     for r in doc["rejected"]:
-        console.print(f"[red]rejected[/] {r['file']}: {r['error']}", highlight=False)
+        out.print(f"[red]rejected[/] {r['file']}: {r['error']}")
 
 
 @main.command()

@@ -5,21 +5,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from rich.console import Console
-
 from codemind_dagster.settings import Settings
 
 
 def run_demo(settings: Settings, intents_dir: Path, *, auto_approve: bool = True) -> int:
     """Returns the exit code: 0 when every intent reached its last environment and is healthy."""
-    from codemind_dagster.cli import _print_status, approve_release
+    from codemind_dagster.cli import _print_status, approve_release, console as make_console
     from codemind_dagster.domain.intent import IntentError
     from codemind_dagster.driver import Driver
     from codemind_dagster.resources.intent_store import INTENT_SUFFIXES
     from codemind_dagster.sensors.promotion import release_states
     from codemind_dagster.status import platform_status
 
-    console = Console(highlight=False)
+    console = make_console()
     started = time.monotonic()
     console.print(f"[bold]CodeMind demo[/] (CODEMIND_HOME={settings.home})")
     driver = Driver(settings, progress=lambda m: console.print(f"  {m}"))

@@ -13,6 +13,8 @@ from codemind_dagster.instance import get_instance
 from codemind_dagster.settings import Settings
 
 SENSORS = ("intent_sensor", "promotion_sensor")
+# Events still land in the instance for the UI; the terminal only needs warnings and the driver's progress.
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
 @dataclass
@@ -38,16 +40,15 @@ class Driver:
         """Evaluate each sensor once and execute what it requests."""
         outcomes = []
         for name in SENSORS:
-            sensor = self.defs.get_sensor_def(name)
+            sensor = self.defs.resolve_sensor_def(name)
             with dg.build_sensor_context(instance=self.instance, cursor=self.cursors.get(name),
-                                         definitions=self.defs, sensor_name=name) as ctx:
+                                         resources=self.defs.resources, sensor_name=name) as ctx:
                 result = sensor(ctx)
             self.cursors[name] = result.cursor
             for req in result.dynamic_partitions_requests or []:
                 self.instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
             for rr in result.run_requests or []:
-                outcomes.append(self.execute(rr, default_job=sensor.job_name if sensor.has_jobs and
-                                             len(sensor.jobs) == 1 else None))
+                outcomes.append(self.execute(rr, default_job=sensor.job_name if len(sensor.jobs) == 1 else None))
         return outcomes
 
     def execute(self, rr: dg.RunRequest, default_job: str | None) -> RunOutcome:
@@ -56,8 +57,9 @@ class Driver:
         label = f"deploy to {env}" if env else "pipeline (model, plan, code, tests)"
         self.progress(f"{rr.partition_key}: {label} ...")
         started = time.monotonic()
-        result = self.defs.get_job_def(job_name).execute_in_process(
-            instance=self.instance, partition_key=rr.partition_key, tags=rr.tags, raise_on_error=False)
+        result = self.defs.resolve_job_def(job_name).execute_in_process(
+            instance=self.instance, partition_key=rr.partition_key, tags=rr.tags, run_config=QUIET,
+            raise_on_error=False)
         seconds = time.monotonic() - started
         error = None
         if not result.success:

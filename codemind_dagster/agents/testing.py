@@ -86,7 +86,8 @@ def run_tests(*, bundle: dict[str, str], suite: ContractSuite, artifact: str, wo
     contract, own, failures = _junit(workdir / "junit.xml")
     reason = tests.reason
     if reason is None and tests.returncode not in (0, 1):
-        reason = f"pytest exited with code {tests.returncode}: {tests.stderr[-300:].strip()}"
+        said = (tests.stderr.strip() or tests.stdout.strip()).splitlines()[-3:]
+        reason = f"pytest exited with code {tests.returncode}: {' | '.join(said)[-400:]}"
     if reason is None and tests.returncode != 0 and not failures:
         reason = "pytest reported failure but the JUnit report shows none"
     coverage = 0.0

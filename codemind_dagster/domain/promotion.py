@@ -39,8 +39,6 @@ def next_step(
             continue
         if env in failed:
             return Decision("blocked", env, f"deploy to {env} failed: {failed[env]}")
-        if previous is not None and live.get(previous) != artifact:
-            return Decision("blocked", env, f"{previous} does not run this release")
         if env in require_approval and env not in approved:
             return Decision("await_approval", env, f"{env} requires approval: codemind approve INTENT {env}")
         return Decision("deploy", env, "previous environment healthy" if previous else "checks passed")

@@ -1,0 +1,59 @@
+"""The definitions surface: a snapshot of assets, checks, jobs and sensors, and a light import."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from codemind_dagster.definitions import build_definitions
+
+SNAPSHOT = Path(__file__).parent / "snapshots" / "definitions.json"
+
+
+def surface(defs: dg.Definitions) -> dict:
+    graph = defs.resolve_asset_graph()
+    assets = {}
+    for key in sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string()):
+        node = graph.get(key)
+        assets[key.to_user_string()] = {
+            "group": node.group_name, "kinds": sorted(node.kinds), "owners": list(node.owners),
+            "deps": sorted(p.to_user_string() for p in node.parent_keys),
+            "partitions": type(node.partitions_def).__name__ if node.partitions_def else None,
+            "has_description": bool(node.description),
+        }
+    checks = sorted(f"{c.asset_key.to_user_string()}:{c.name}" for c in graph.asset_check_keys)
+    blocking = sorted(f"{s.asset_key.to_user_string()}:{s.name}" for a in graph.assets_defs
+                      for s in a.check_specs if s.blocking)
+    jobs = sorted(j.name for j in defs.jobs or [])
+    sensors = {s.name: {"default_status": s.default_status.value, "interval_s": s.minimum_interval_seconds}
+               for s in defs.sensors or []}
+    return {"assets": assets, "checks": checks, "blocking_checks": blocking, "jobs": jobs, "sensors": sensors,
+            "resources": sorted(defs.resources)}
+
+
+def test_definitions_surface_matches_the_snapshot(settings):
+    current = surface(build_definitions(settings))
+    if os.environ.get("UPDATE_SNAPSHOTS"):
+        SNAPSHOT.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+    expected = json.loads(SNAPSHOT.read_text())
+    assert current == expected, "the definitions surface changed; rerun with UPDATE_SNAPSHOTS=1 if intended"
+
+
+def test_definitions_import_no_heavy_modules():
+    code = ("import sys, codemind_dagster.definitions as d; d.defs.resolve_asset_graph(); "
+            "print(','.join(m for m in ('kubernetes', 'boto3', 'great_expectations', 'fastapi', 'uvicorn', "
+            "'alembic', 'anthropic', 'openai', 'psycopg2') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_k8s_profile_says_what_it_lacks(settings):
+    import pytest
+
+    with pytest.raises(RuntimeError, match="k8s profile is not available yet"):
+        build_definitions(settings.model_copy(update={"profile": "k8s"}))
