@@ -145,7 +145,7 @@ def approve_release(db, intent_name: str, environment: str, by: str) -> str:
 
 @main.command()
 def down() -> None:
-    """Stop every local deployment (proxies and services)."""
+    """Stop every local deployment; they stay stopped until `codemind demo` resumes them."""
     s = _settings()
     stopped = _runtime(s).stop_all()
     _db(s).stop_deployments()

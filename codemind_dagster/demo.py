@@ -23,6 +23,9 @@ def run_demo(settings: Settings, intents_dir: Path, *, auto_approve: bool = True
     driver = Driver(settings, progress=lambda m: console.print(f"  {m}"))
     db = driver.defs.resources["database"].client()
     store = driver.defs.resources["intent_store"].store()
+    resumed = db.resume_stopped()
+    if resumed:
+        console.print(f"resuming {resumed} deployment(s) stopped by `codemind down`")
     files = sorted(p for p in intents_dir.iterdir() if p.suffix in INTENT_SUFFIXES)
     if not files:
         console.print(f"[red]no intent files (*.yaml, *.yml) in {intents_dir}[/]")

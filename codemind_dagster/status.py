@@ -37,7 +37,8 @@ def platform_status(settings: Settings, db: PlatformDB, runtime) -> dict[str, An
                 "artifact": rec.artifact if rec else None,
                 "pid": rt.pid if rt else None,
             }
-        state = _state(row, report, checks, decisions.get(row.name), environments, envs)
+        held = any(p.status == "stopped" for p in db.promotions(row.name))
+        state = "stopped" if held else _state(row, report, checks, decisions.get(row.name), environments, envs)
         intents.append({
             "name": row.name, "state": state,
             "tests": {"passed": report.passed if report else 0, "failed": report.failed if report else 0},

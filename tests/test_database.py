@@ -47,6 +47,7 @@ def test_stop_deployments_frees_targets_for_a_later_promotion(db):
     assert db.stop_deployments() == 1
     assert db.live_deployments() == {}
     assert db.promotions("a")[0].status == "stopped"
+    assert db.resume_stopped() == 1 and db.promotions("a")[0].status == "resume"
 
 
 def test_ledger_sums_spend_by_scope(db):

@@ -138,6 +138,20 @@ def test_crashed_promotion_resumes_without_deploying_twice(driver, examples):
     assert driver.tick() == []
 
 
+def test_down_holds_deployments_until_resumed(driver, examples):
+    submit(driver, examples / "inventory-catalog.yaml")
+    driver.run_until_idle()
+    db = driver.defs.resources["database"].client()
+    assert driver.defs.resources["runtime"].runtime().stop_all() == 3
+    assert db.stop_deployments() == 3
+    assert driver.tick() == []  # the promotion sensor does not undo `codemind down`
+    assert status(driver)["inventory-catalog"]["state"] == "stopped"
+    assert db.resume_stopped() == 3
+    outcomes = driver.run_until_idle()
+    assert [o.job for o in outcomes] == ["deploy_dev", "deploy_staging", "deploy_production"]
+    assert status(driver)["inventory-catalog"]["state"] == "live"
+
+
 def test_hostile_intent_in_the_inbox_changes_nothing(driver, examples, settings):
     settings.intents_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(examples / "inventory-catalog.yaml", settings.intents_dir)

@@ -187,7 +187,7 @@ class PlatformDB:
                                   .order_by(t.deployments.c.id)))
 
     def stop_deployments(self) -> int:
-        """Mark every live deployment stopped, so a later promotion deploys it again."""
+        """Mark every live deployment stopped; they stay down until resume_stopped()."""
         with self.tx() as c:
             live = list(c.execute(sa.select(t.deployments).where(t.deployments.c.status == "live")))
             for r in live:
@@ -197,6 +197,12 @@ class PlatformDB:
             c.execute(t.deployments.update().where(t.deployments.c.status == "live").values(
                 status="stopped", finished_at=now()))
             return len(live)
+
+    def resume_stopped(self) -> int:
+        """Let the promotion sensor redeploy what `codemind down` stopped."""
+        with self.tx() as c:
+            return c.execute(t.promotions.update().where(t.promotions.c.status == "stopped").values(
+                status="resume", updated_at=now())).rowcount
 
     def request_promotion(self, intent: str, env: str, artifact: str) -> int | None:
         """Record a promotion request once per (intent, env, artifact); None if it already exists."""

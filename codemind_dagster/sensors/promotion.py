@@ -59,7 +59,7 @@ def promotion_requests(db: PlatformDB, instance: dg.DagsterInstance) -> list[dg.
         if existing is None:
             db.request_promotion(state.intent, env, a)
             attempt = 1
-        elif existing.status == "stopped":
+        elif existing.status == "resume":
             attempt = db.retry_promotion(existing.id)
         elif existing.status in ("requested", "running") and _lost(existing, instance):
             if existing.attempts >= MAX_ATTEMPTS:

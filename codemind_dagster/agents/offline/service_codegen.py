@@ -6,7 +6,6 @@ import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from codemind_dagster.domain.intent import (
     EMAIL_RE,
@@ -15,6 +14,7 @@ from codemind_dagster.domain.intent import (
     URI_RE,
     UUID_RE,
     EntitySpec,
+    FieldSpec,
     Intent,
 )
 
@@ -106,7 +106,7 @@ class Uses:
     def bounds(self) -> bool:
         return self.minimum or self.maximum
 
-    def any(self, *kinds: str) -> bool:
+    def has_kind(self, *kinds: str) -> bool:
         return any(k in self.kinds for k in kinds)
 
 
@@ -168,7 +168,7 @@ def _sql(e: EntitySpec) -> dict[str, str]:
     return sql
 
 
-def _field_lit(f: Any) -> str:
+def _field_lit(f: FieldSpec) -> str:
     args = [lit(f.name), CHECKS[f.type]]
     options = [("required", f.required or None), ("unique", f.unique or None), ("default", f.default),
                ("min_length", f.min_length), ("max_length", f.max_length), ("fmt", f.format),
@@ -438,7 +438,7 @@ def _model_py(intent: Intent, uses: Uses) -> str:
         patterns.append(f"RFC3339_RE = re.compile(\n    {_raw(RFC3339_RE.pattern)}\n)\n")
     parts = [fill(MODEL_HEAD, name=intent.name, imports=_join(imports), hash=lit(digest),
                    patterns=_join(patterns))]
-    if uses.any("string", "text"):
+    if uses.has_kind("string", "text"):
         rules = [STRING_RULES["min_length"] if uses.min_length else "",
                  STRING_RULES["max_length"] if uses.max_length else "",
                  STRING_RULES["format"] if uses.formats else "", STRING_RULES["enum"] if uses.enum else ""]
@@ -488,7 +488,6 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 <<imports>>
 

@@ -49,12 +49,12 @@ def render_tests(intent: Intent) -> dict[str, str]:
     """tests/service_testkit.py (data and helpers) and the tests/test_service_*.py modules."""
     plans = plan(intent)
     files = {
-        "tests/service_testkit.py": _testkit(intent, plans),
-        "tests/test_service_api.py": _api_tests(intent, plans),
-        "tests/test_service_fields.py": _field_tests(intent, plans),
+        "tests/service_testkit.py": _testkit(plans),
+        "tests/test_service_api.py": _api_tests(plans),
+        "tests/test_service_fields.py": _field_tests(plans),
     }
     if any(f.type == "ref" for e in intent.spec.entities for f in e.fields):
-        files["tests/test_service_refs.py"] = _ref_tests(intent, plans)
+        files["tests/test_service_refs.py"] = _ref_tests(plans)
     return files
 
 
@@ -190,7 +190,7 @@ class Api:
 '''
 
 
-def _testkit(intent: Intent, plans: dict[str, Plan]) -> str:
+def _testkit(plans: dict[str, Plan]) -> str:
     data = {}
     for p in plans.values():
         e = p.entity
@@ -437,7 +437,7 @@ def test_removed_operations_answer_405(api: Api, entity: str, method: str, suffi
 ]
 
 
-def _api_tests(intent: Intent, plans: dict[str, Plan]) -> str:
+def _api_tests(plans: dict[str, Plan]) -> str:
     made = [p for p in plans.values() if p.makeable]
     first = made[0].name if made else None
     # The json import is decided once the tests are known: filled last, and left as a marker until then.
@@ -531,7 +531,7 @@ def test_unique_field_rejects_taken_values(api: Api, entity: str, field: str) ->
 ]
 
 
-def _field_tests(intent: Intent, plans: dict[str, Plan]) -> str:
+def _field_tests(plans: dict[str, Plan]) -> str:
     made = [p for p in plans.values() if p.makeable]
     edges, edge_ids, invalid, invalid_ids, unique = [], [], [], [], []
     for p in made:
@@ -646,7 +646,7 @@ def _room(plans: dict[str, Plan], *makes: str, margin: int = 0) -> bool:
     return all(plans[n].makeable and len(plans[n].samples) >= makes.count(n) + margin for n in makes)
 
 
-def _ref_tests(intent: Intent, plans: dict[str, Plan]) -> str:
+def _ref_tests(plans: dict[str, Plan]) -> str:
     edges = [(p, f) for p in plans.values() for f in p.entity.fields if f.type == "ref" and f.to]
     refs = [(p.name, f.name) for p, f in edges if _room(plans, p.name, f.to)]
     restrict, cascade, blocked = [], [], []
