@@ -79,3 +79,11 @@ def test_high_severity_findings_fail_the_scan_check(intent, tmp_path):
     report = run(intent, tmp_path, bundle)
     assert report.security_high >= 1 and any("B602" in f for f in report.security_findings)
     assert not evaluate_checks(report, 80)["no_high_severity_findings"].passed
+
+
+def test_a_pytest_config_above_the_sandbox_changes_nothing(intent, tmp_path):
+    # CODEMIND_HOME defaults to ./.codemind inside a project that has its own pytest configuration.
+    (tmp_path / "pyproject.toml").write_text('[tool.pytest.ini_options]\naddopts = "-x"\ntestpaths = ["nope"]\n')
+    report = run(intent, tmp_path, render_service(intent))
+    assert report.contract.passed > 20 and report.own.passed > 0
+    assert evaluate_checks(report, 80)["contract_tests_pass"].passed

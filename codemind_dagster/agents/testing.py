@@ -15,6 +15,9 @@ from codemind_dagster.domain.intent import Intent
 from codemind_dagster.domain.testing import SuiteResult, TestReport
 
 CONTRACT_DIR = "contract_tests"
+# Our own config and rootdir: neither a pytest config above the sandbox nor one in the bundle may
+# change how tests are collected or named.
+PYTEST_CONFIG = ".codemind-pytest.ini"
 
 
 class ContractInput(BaseModel):
@@ -78,10 +81,11 @@ def run_tests(*, bundle: dict[str, str], suite: ContractSuite, artifact: str, wo
     started = time.monotonic()
     _write(workdir, bundle)
     _write(workdir, suite.files)
+    (workdir / PYTEST_CONFIG).write_text("[pytest]\n")
     py = sys.executable
     tests = sandbox.run(
-        [py, "-m", "coverage", "run", "--source=service", "--data-file=.coverage", "-m", "pytest", "-q",
-         "-p", "no:cacheprovider", "--junitxml=junit.xml", "tests", CONTRACT_DIR],
+        [py, "-m", "coverage", "run", "--source=service", "--data-file=.coverage", "-m", "pytest", "-c", PYTEST_CONFIG,
+         "--rootdir", ".", "-q", "-p", "no:cacheprovider", "--junitxml=junit.xml", "tests", CONTRACT_DIR],
         workdir=workdir)
     contract, own, failures = _junit(workdir / "junit.xml")
     reason = tests.reason
