@@ -22,6 +22,10 @@ class Settings(BaseModel):
     sandbox_memory_mb: int = Field(default=2048, ge=128)
     health_timeout_s: float = Field(default=30.0, gt=0)
     coverage_threshold: float = Field(default=80.0, ge=0, le=100)
+    backup_retention: int = Field(default=8, ge=1)
+    # Production promotion waits while the last successful DR drill is older than this; None: no gate.
+    dr_max_validation_age_s: float | None = Field(default=None, gt=0)
+    redis_url: str | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -36,6 +40,9 @@ class Settings(BaseModel):
             "sandbox_memory_mb": e.get("CODEMIND_SANDBOX_MEMORY_MB"),
             "health_timeout_s": e.get("CODEMIND_HEALTH_TIMEOUT_S"),
             "coverage_threshold": e.get("CODEMIND_COVERAGE_THRESHOLD"),
+            "backup_retention": e.get("CODEMIND_BACKUP_RETENTION"),
+            "dr_max_validation_age_s": e.get("CODEMIND_DR_MAX_VALIDATION_AGE_S"),
+            "redis_url": e.get("CODEMIND_REDIS_URL"),
         }
         s = cls.model_validate({k: v for k, v in raw.items() if v not in (None, "")})
         return s.model_copy(update={"home": s.home.expanduser().resolve()})
@@ -59,6 +66,14 @@ class Settings(BaseModel):
     @property
     def sandbox_dir(self) -> Path:
         return self.home / "sandbox"
+
+    @property
+    def backups_dir(self) -> Path:
+        return self.home / "backups"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
 
     @property
     def dagster_home(self) -> Path:

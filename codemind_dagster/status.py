@@ -14,7 +14,10 @@ from codemind_dagster.settings import Settings
 
 def platform_status(settings: Settings, db: PlatformDB, runtime) -> dict[str, Any]:
     """The JSON document of `codemind status --json`."""
-    decisions = {s.intent: s for s in release_states(db)}
+    from codemind_dagster.resources.platform import PromotionPolicyResource
+
+    policy = PromotionPolicyResource(dr_max_validation_age_s=settings.dr_max_validation_age_s)
+    decisions = {s.intent: s for s in release_states(db, policy.dr_hold(db))}
     live = db.live_deployments()
     rows = db.intent_rows()
     # Health is checked live, in parallel: a status that trusts old records would hide drift.
@@ -62,6 +65,8 @@ def _state(row, report, checks, release, environments, envs) -> str:
         return "live" if environments[envs[-1]]["healthy"] else "unhealthy"
     if d.action == "await_approval":
         return f"awaiting approval for {d.environment}"
+    if d.action == "await_dr":
+        return "awaiting DR validation for production"
     if d.action == "blocked":
         return "failed" if "failed" in d.reason else "blocked"
     return f"promoting to {d.environment}"

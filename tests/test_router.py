@@ -52,3 +52,12 @@ def test_daily_budget_counts_earlier_spend(db, plan_input):
                        price_version="test", outcome="ok", cache_hit=False, cost_usd=4.99)
     with pytest.raises(BudgetExceeded, match="daily budget of \\$5.0000"):
         ModelRouter(db=db, prices=priced, daily_budget_usd=5.0).run(PLAN_TASK, plan_input)
+
+
+def test_a_spent_budget_fails_fast_but_free_calls_still_run(db, plan_input):
+    db.record_llm_call(intent="x", run_id=None, task="coding", provider="offline", model="deterministic",
+                       price_version="test", outcome="ok", cache_hit=False, cost_usd=5.0)
+    priced = PriceTable(version="test", models={"offline/deterministic": Price(0, 0, 0, 1e-9)})
+    with pytest.raises(BudgetExceeded, match="daily budget"):
+        ModelRouter(db=db, prices=priced, daily_budget_usd=5.0).run(PLAN_TASK, plan_input)
+    assert ModelRouter(db=db, daily_budget_usd=5.0).run(PLAN_TASK, plan_input, intent_budget_usd=0.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Action = Literal["deploy", "await_approval", "done", "blocked"]
+Action = Literal["deploy", "await_approval", "await_dr", "done", "blocked"]
 
 
 @dataclass(frozen=True)
@@ -24,11 +24,13 @@ def next_step(
     live: dict[str, str],
     approved: set[str],
     failed: dict[str, str],
+    dr_hold: str | None = None,
 ) -> Decision:
     """The next promotion step of one release.
 
     `live` maps environment -> artifact live there; `approved` holds the environments approved for
-    this artifact; `failed` maps environment -> reason for environments where this artifact failed.
+    this artifact; `failed` maps environment -> reason for environments where this artifact failed;
+    `dr_hold` says why production must wait for a disaster-recovery drill, if it must.
     """
     if not checks_passed:
         return Decision("blocked", environments[0], "blocking checks have not all passed")
@@ -39,6 +41,8 @@ def next_step(
             continue
         if env in failed:
             return Decision("blocked", env, f"deploy to {env} failed: {failed[env]}")
+        if env == "production" and dr_hold:
+            return Decision("await_dr", env, dr_hold)
         if env in require_approval and env not in approved:
             return Decision("await_approval", env, f"{env} requires approval: codemind approve INTENT {env}")
         return Decision("deploy", env, "previous environment healthy" if previous else "checks passed")

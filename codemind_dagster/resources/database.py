@@ -254,6 +254,12 @@ class PlatformDB:
         with self.engine.connect() as c:
             return {(r.intent, r.environment, r.artifact) for r in c.execute(sa.select(t.approvals))}
 
+    # -- disaster recovery -----------------------------------------------------------------------
+    def last_successful_drill_at(self) -> datetime | None:
+        with self.engine.connect() as c:
+            return as_utc(c.execute(sa.select(sa.func.max(t.dr_drills.c.finished_at))
+                                    .where(t.dr_drills.c.ok.is_(True))).scalar())
+
     # -- LLM ledger and response cache -------------------------------------------------------------
     def record_llm_call(self, **row: Any) -> None:
         with self.tx() as c:

@@ -33,6 +33,29 @@ class DatabaseResource(dg.ConfigurableResource):
         return db
 
 
+class PromotionPolicyResource(dg.ConfigurableResource):
+    """Conditions of promotion beyond checks and approvals: DR readiness before production."""
+
+    dr_max_validation_age_s: float | None = None
+
+    def dr_hold(self, db: PlatformDB) -> str | None:
+        """Why production must wait for a DR drill, or None."""
+        from datetime import timedelta
+
+        from codemind_dagster.resources.database import now
+
+        if self.dr_max_validation_age_s is None:
+            return None
+        last = db.last_successful_drill_at()
+        limit = timedelta(seconds=self.dr_max_validation_age_s)
+        if last is None:
+            return f"production waits for a successful DR drill (none yet; max age {limit})"
+        age = now() - last
+        if age > limit:
+            return f"production waits for a DR drill: the last successful one is {age} old (max {limit})"
+        return None
+
+
 class IntentStoreResource(dg.ConfigurableResource):
     """Validated intents: the watched directory plus the intents table."""
 

@@ -10,6 +10,7 @@ from codemind_dagster.resources.platform import (
     GraphStoreResource,
     IntentStoreResource,
     ModelRouterResource,
+    PromotionPolicyResource,
     RuntimeResource,
     TestSandboxResource,
 )
@@ -33,6 +34,7 @@ def local_resources(s: Settings) -> dict[str, Any]:
         "sandbox": TestSandboxResource(root=str(s.sandbox_dir), timeout_s=s.sandbox_timeout_s,
                                        memory_mb=s.sandbox_memory_mb, coverage_threshold=s.coverage_threshold),
         "runtime": RuntimeResource(root=str(s.runtime_dir), health_timeout_s=s.health_timeout_s),
+        "promotion_policy": PromotionPolicyResource(dr_max_validation_age_s=s.dr_max_validation_age_s),
     }
 
 

@@ -131,3 +131,38 @@ approvals = sa.Table(
     sa.Column("approved_by", sa.String(128), nullable=False),
     sa.Column("at", TS, nullable=False),
 )
+
+backups = sa.Table(
+    "backups", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("data_as_of", TS, nullable=False),
+    sa.Column("location", sa.String(1024), nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False, default=0),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("detail", sa.Text),
+)
+
+dr_drills = sa.Table(
+    "dr_drills", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("backup_id", sa.String(64), nullable=False, index=True),
+    sa.Column("started_at", TS, nullable=False),
+    sa.Column("finished_at", TS, nullable=False),
+    sa.Column("ok", sa.Boolean, nullable=False),
+    sa.Column("rpo_s", sa.Float, nullable=False),
+    sa.Column("rto_s", sa.Float, nullable=False),
+    sa.Column("checks", sa.JSON, nullable=False),
+    sa.Column("detail", sa.Text),
+)
+
+budget_alerts = sa.Table(
+    "budget_alerts", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("scope", sa.String(128), nullable=False),
+    sa.Column("threshold_percent", sa.Integer, nullable=False),
+    sa.Column("spend_usd", sa.Numeric(18, 8), nullable=False),
+    sa.Column("budget_usd", sa.Numeric(18, 8), nullable=False),
+    sa.Column("at", TS, nullable=False),
+    sa.UniqueConstraint("scope", "threshold_percent", name="uq_budget_alert"),
+)

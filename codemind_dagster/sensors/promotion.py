@@ -11,7 +11,7 @@ from codemind_dagster.domain.intent import Intent
 from codemind_dagster.domain.promotion import Decision, next_step
 from codemind_dagster.jobs import deploy_jobs
 from codemind_dagster.resources.database import PlatformDB, as_utc, now
-from codemind_dagster.resources.platform import DatabaseResource
+from codemind_dagster.resources.platform import DatabaseResource, PromotionPolicyResource
 
 MAX_ATTEMPTS = 3
 # A request no run has picked up for this long is taken as lost (e.g. the requester crashed).
@@ -25,7 +25,7 @@ class ReleaseState:
     decision: Decision
 
 
-def release_states(db: PlatformDB) -> list[ReleaseState]:
+def release_states(db: PlatformDB, dr_hold: str | None = None) -> list[ReleaseState]:
     """The promotion decision for the latest release of every intent."""
     approvals = db.approvals()
     live_all = db.live_deployments()
@@ -42,15 +42,17 @@ def release_states(db: PlatformDB) -> list[ReleaseState]:
             artifact=a, environments=intent.spec.promotion.environments,
             require_approval=intent.spec.promotion.require_approval, checks_passed=True,
             live={env: r.artifact for (i, env), r in live_all.items() if i == row.name},
-            approved={env for (i, env, art) in approvals if i == row.name and art == a}, failed=failed)
+            approved={env for (i, env, art) in approvals if i == row.name and art == a}, failed=failed,
+            dr_hold=dr_hold)
         out.append(ReleaseState(row.name, a, decision))
     return out
 
 
-def promotion_requests(db: PlatformDB, instance: dg.DagsterInstance) -> list[dg.RunRequest]:
+def promotion_requests(db: PlatformDB, instance: dg.DagsterInstance, dr_hold: str | None = None,
+                       ) -> list[dg.RunRequest]:
     """Run requests for every release whose next step is a deploy; idempotent through the DB."""
     requests = []
-    for state in release_states(db):
+    for state in release_states(db, dr_hold):
         d = state.decision
         if d.action != "deploy" or d.environment is None:
             continue
@@ -88,8 +90,10 @@ def _lost(promo, instance: dg.DagsterInstance) -> bool:
            default_status=dg.DefaultSensorStatus.RUNNING,
            description="Promotes each release to its next environment once the previous one is healthy, "
                        "every blocking check passed and any required approval is given.")
-def promotion_sensor(context: dg.SensorEvaluationContext, database: DatabaseResource) -> dg.SensorResult:
-    requests = promotion_requests(database.client(), context.instance)
+def promotion_sensor(context: dg.SensorEvaluationContext, database: DatabaseResource,
+                     promotion_policy: PromotionPolicyResource) -> dg.SensorResult:
+    db = database.client()
+    requests = promotion_requests(db, context.instance, promotion_policy.dr_hold(db))
     for r in requests:
         context.log.info(f"promote {r.partition_key} to {r.tags['codemind/environment']}")
     return dg.SensorResult(run_requests=requests)

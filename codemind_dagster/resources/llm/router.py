@@ -113,19 +113,19 @@ class ModelRouter:
 
     def _check_budgets(self, estimate: float, intent: str | None, run_id: str | None,
                        intent_budget_usd: float | None) -> None:
+        scopes = []
         if intent is not None and intent_budget_usd is not None:
-            spent = self.db.llm_spend(intent=intent)
-            if spent + estimate > intent_budget_usd:
-                raise BudgetExceeded(f"intent {intent!r}", intent_budget_usd, spent, estimate)
+            scopes.append((f"intent {intent!r}", intent_budget_usd, lambda: self.db.llm_spend(intent=intent)))
         if self.daily_budget_usd is not None:
             day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-            spent = self.db.llm_spend(since=day)
-            if spent + estimate > self.daily_budget_usd:
-                raise BudgetExceeded("daily", self.daily_budget_usd, spent, estimate)
+            scopes.append(("daily", self.daily_budget_usd, lambda: self.db.llm_spend(since=day)))
         if run_id is not None and self.run_budget_usd is not None:
-            spent = self.db.llm_spend(run_id=run_id)
-            if spent + estimate > self.run_budget_usd:
-                raise BudgetExceeded(f"run {run_id[:8]}", self.run_budget_usd, spent, estimate)
+            scopes.append((f"run {run_id[:8]}", self.run_budget_usd, lambda: self.db.llm_spend(run_id=run_id)))
+        for name, limit, spent_so_far in scopes:
+            spent = spent_so_far()
+            # A spent budget stops every priced call, however small; free (offline) calls stay allowed.
+            if spent + estimate > limit or (estimate > 0 and spent >= limit):
+                raise BudgetExceeded(name, limit, spent, estimate)
 
     @staticmethod
     def cache_key(task: Task, cand: Candidate, prompt: str) -> str:

@@ -1,0 +1,1 @@
+"""CLI commands of the platform group: state, backup, dr, backfill."""
