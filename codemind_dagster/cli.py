@@ -180,5 +180,13 @@ def demo(intents_dir: Path, auto_approve: bool) -> None:
     sys.exit(run_demo(_settings(), intents_dir, auto_approve=auto_approve))
 
 
+def _register_platform_commands() -> None:
+    from codemind_dagster.commands.state import state
+
+    main.add_command(state)
+
+
+_register_platform_commands()
+
 if __name__ == "__main__":
     main()

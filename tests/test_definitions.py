@@ -32,8 +32,10 @@ def surface(defs: dg.Definitions) -> dict:
     jobs = sorted(j.name for j in defs.jobs or [])
     sensors = {s.name: {"default_status": s.default_status.value, "interval_s": s.minimum_interval_seconds}
                for s in defs.sensors or []}
+    schedules = {s.name: {"cron": s.cron_schedule, "default_status": s.default_status.value, "job": s.job_name}
+                 for s in defs.schedules or []}
     return {"assets": assets, "checks": checks, "blocking_checks": blocking, "jobs": jobs, "sensors": sensors,
-            "resources": sorted(defs.resources)}
+            "schedules": schedules, "resources": sorted(defs.resources)}
 
 
 def test_definitions_surface_matches_the_snapshot(settings):

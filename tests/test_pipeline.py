@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import httpx
 import psutil
@@ -64,6 +65,8 @@ def test_intent_reaches_production_through_the_approval_gate(driver, examples):
     assert len([c for c in db.llm_calls(intent="loyalty-points") if not c.cache_hit]) == calls_before
     mat = result.asset_materializations_for_node("test_results")[0]
     assert mat.metadata["reused_from_earlier_run"].value is True
+    evidence = Path(mat.metadata["evidence"].value)
+    assert {"junit.xml", "coverage.json", "bandit.json"} <= {p.name for p in evidence.iterdir()}
     assert driver.tick() == []  # same artifact: nothing to promote
     assert [d.status for d in db.deployment_history("loyalty-points")].count("live") == 3
 

@@ -92,6 +92,7 @@ def test_results(context: dg.AssetExecutionContext, business_intents: Intent, ge
                              run_id=context.run_id, intent_budget_usd=_budget(intent))
     db = database.client()
     key = bundle_hash({"code": generated_code.artifact, **suite.files})
+    store = artifacts.store()
     stored = db.test_run(intent.name, key)
     if stored is not None:
         report, reused = TestReport.model_validate(stored), True
@@ -101,8 +102,9 @@ def test_results(context: dg.AssetExecutionContext, business_intents: Intent, ge
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
         try:
-            report = run_tests(bundle=artifacts.store().read_bundle(generated_code.artifact), suite=suite,
+            report = run_tests(bundle=store.read_bundle(generated_code.artifact), suite=suite,
                                artifact=generated_code.artifact, workdir=workdir, sandbox=box)
+            store.keep_evidence(key, [workdir / n for n in ("junit.xml", "coverage.json", "bandit.json")])
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         db.save_test_run(intent.name, key, report.model_dump(mode="json"))
@@ -114,6 +116,7 @@ def test_results(context: dg.AssetExecutionContext, business_intents: Intent, ge
         "coverage_percent": report.coverage_percent, "security_high": report.security_high,
         "duration_s": report.duration_s, "sandbox": report.sandbox_reason or "ok",
         "failures": dg.MetadataValue.md("\n".join(f"- `{f}`" for f in report.failures) or "none"),
+        "evidence": dg.MetadataValue.path(str(store.root / "test-evidence" / key)),
     })
     for name, outcome in evaluate_checks(report, sandbox.coverage_threshold).items():
         yield dg.AssetCheckResult(check_name=name, passed=outcome.passed, metadata={"detail": outcome.detail})

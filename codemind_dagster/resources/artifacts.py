@@ -47,6 +47,15 @@ class LocalArtifactStore:
             shutil.rmtree(tmp, ignore_errors=True)
         return digest
 
+    def keep_evidence(self, key: str, files: list[Path]) -> Path:
+        """Keep test evidence (JUnit, coverage, scan) of one tested artifact; returns its folder."""
+        target = self.root / "test-evidence" / key
+        target.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            if f.is_file():
+                shutil.copyfile(f, target / f.name)
+        return target
+
     def read_bundle(self, digest: str) -> dict[str, str]:
         root = self.bundle_dir(digest)
         manifest = json.loads((root / ".manifest.json").read_text())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import dagster as dg
+
 from codemind_dagster.resources.platform import (
     ArtifactStoreResource,
     DatabaseResource,
@@ -14,6 +16,7 @@ from codemind_dagster.resources.platform import (
     RuntimeResource,
     TestSandboxResource,
 )
+from codemind_dagster.resources.probes import ProbeResource
 from codemind_dagster.settings import Settings
 
 K8S_PENDING = (
@@ -35,6 +38,8 @@ def local_resources(s: Settings) -> dict[str, Any]:
                                        memory_mb=s.sandbox_memory_mb, coverage_threshold=s.coverage_threshold),
         "runtime": RuntimeResource(root=str(s.runtime_dir), health_timeout_s=s.health_timeout_s),
         "promotion_policy": PromotionPolicyResource(dr_max_validation_age_s=s.dr_max_validation_age_s),
+        # Through EnvVar, so a password in the URL never shows in the UI's resource config.
+        "probes": ProbeResource(redis_url=dg.EnvVar("CODEMIND_REDIS_URL") if s.redis_url else None),
     }
 
 

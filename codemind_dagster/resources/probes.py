@@ -1,0 +1,93 @@
+"""Health and latency of the services the platform depends on: platform DB, graph store, Redis."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import dagster as dg
+import sqlalchemy as sa
+
+from codemind_dagster.resources import tables as t
+from codemind_dagster.resources.database import PlatformDB
+
+DEFAULT_TIMEOUT_S = 1.0
+
+
+def _result(name: str, healthy: bool, started: float, detail: str) -> dict[str, Any]:
+    return {"name": name, "healthy": healthy, "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+            "detail": detail}
+
+
+def _error(exc: BaseException) -> str:
+    # First line only: driver errors append SQL and background links that bury the cause.
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def probe_database(db: PlatformDB) -> dict[str, Any]:
+    """`SELECT 1` through the platform engine."""
+    started = time.perf_counter()
+    try:
+        with db.engine.connect() as c:
+            c.execute(sa.text("SELECT 1")).scalar()
+    except Exception as exc:  # noqa: BLE001 - a probe reports, it never raises
+        return _result("platform_db", False, started, _error(exc))
+    return _result("platform_db", True, started, f"{db.engine.dialect.name}: SELECT 1 ok")
+
+
+def probe_graph_store(db: PlatformDB) -> dict[str, Any]:
+    """The SQL graph store lives in the platform DB: a query on its node table proves it is usable."""
+    started = time.perf_counter()
+    try:
+        with db.engine.connect() as c:
+            nodes = c.execute(sa.select(sa.func.count()).select_from(t.graph_nodes)).scalar()
+    except Exception as exc:  # noqa: BLE001
+        return _result("graph_store", False, started, _error(exc))
+    return _result("graph_store", True, started, f"sql graph store: {nodes} node(s)")
+
+
+def redis_display(url: str) -> str:
+    """The URL without credentials, safe for metadata and logs."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or "?"
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{host}{port}{parts.path}"
+    except ValueError:
+        return "<unparseable redis url>"
+
+
+def probe_redis(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    """PING with short timeouts and no retries, so an unreachable Redis costs at most ~timeout_s."""
+    started = time.perf_counter()
+    try:
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
+                                      retry=Retry(NoBackoff(), 0))
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except Exception as exc:  # noqa: BLE001
+        return _result("redis", False, started, f"{redis_display(url)}: {_error(exc)}")
+    return _result("redis", True, started, f"{redis_display(url)}: PONG")
+
+
+def probe_supporting(db: PlatformDB, redis_url: str | None,
+                     timeout_s: float = DEFAULT_TIMEOUT_S) -> list[dict[str, Any]]:
+    probes = [probe_database(db), probe_graph_store(db)]
+    if redis_url:
+        probes.append(probe_redis(redis_url, timeout_s))
+    return probes
+
+
+class ProbeResource(dg.ConfigurableResource):
+    """Which optional supporting services to probe; Redis only when a URL is configured."""
+
+    redis_url: str | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
