@@ -181,9 +181,11 @@ def demo(intents_dir: Path, auto_approve: bool) -> None:
 
 
 def _register_platform_commands() -> None:
+    from codemind_dagster.commands.dr import backup, dr
     from codemind_dagster.commands.state import state
 
-    main.add_command(state)
+    for command in (state, backup, dr):
+        main.add_command(command)
 
 
 _register_platform_commands()

@@ -6,6 +6,7 @@ import dagster as dg
 
 from codemind_dagster.assets.delivery import generated_code, implementation_plan, release_candidate, test_results
 from codemind_dagster.assets.deployments import deployment_assets
+from codemind_dagster.assets.dr import defs as dr_defs
 from codemind_dagster.assets.intake import business_intents, business_model
 from codemind_dagster.assets.platform import defs as platform_defs
 from codemind_dagster.jobs import deliver_intent, deploy_jobs
@@ -26,7 +27,7 @@ delivery_defs = dg.Definitions(
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     """Every domain's definitions, with the resources of the active profile."""
     return dg.Definitions.merge(
-        delivery_defs, platform_defs,
+        delivery_defs, platform_defs, dr_defs,
         dg.Definitions(resources=resources_for(settings or Settings.from_env())),
     )
 

@@ -16,6 +16,7 @@ from codemind_dagster.resources.platform import (
     RuntimeResource,
     TestSandboxResource,
 )
+from codemind_dagster.resources.backups import BackupStoreResource
 from codemind_dagster.resources.probes import ProbeResource
 from codemind_dagster.settings import Settings
 
@@ -39,6 +40,8 @@ def local_resources(s: Settings) -> dict[str, Any]:
         "runtime": RuntimeResource(root=str(s.runtime_dir), health_timeout_s=s.health_timeout_s),
         "promotion_policy": PromotionPolicyResource(dr_max_validation_age_s=s.dr_max_validation_age_s),
         # Through EnvVar, so a password in the URL never shows in the UI's resource config.
+        "backups": BackupStoreResource(database=db, root=str(s.backups_dir), artifacts_root=str(s.artifacts_dir),
+                                       retention=s.backup_retention),
         "probes": ProbeResource(redis_url=dg.EnvVar("CODEMIND_REDIS_URL") if s.redis_url else None),
     }
 
