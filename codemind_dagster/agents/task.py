@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -21,7 +22,13 @@ class Task(Generic[I, O]):
     input: type[I]
     output: type[O]
     system: str
-    render: Callable[[I], str]
+    context: Callable[[I], str]  # the stable part (the intent): providers may cache it
+    render: Callable[[I], str]  # the task's instruction and variable inputs
     offline: Callable[[I], O]
     max_tokens: int = 8192
     tier: int = 1
+
+
+def intent_context(inp: BaseModel) -> str:
+    """The intent as fenced data: identical for every task of an intent, so providers can cache it."""
+    return f"<intent>\n{json.dumps(inp.intent, sort_keys=True)}\n</intent>"  # type: ignore[attr-defined]

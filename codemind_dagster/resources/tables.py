@@ -58,6 +58,8 @@ llm_ledger = sa.Table(
     sa.Column("output_tokens", sa.Integer, nullable=False, default=0),
     sa.Column("reasoning_tokens", sa.Integer, nullable=False, default=0),
     sa.Column("cost_usd", sa.Numeric(18, 8), nullable=False, default=0),
+    # What prompt caching saved against paying the full input price for the cached tokens.
+    sa.Column("cache_savings_usd", sa.Numeric(18, 8), nullable=False, server_default="0"),
     sa.Column("price_version", sa.String(32), nullable=False),
     sa.Column("latency_ms", sa.Float, nullable=False, default=0),
     sa.Column("outcome", sa.String(32), nullable=False),

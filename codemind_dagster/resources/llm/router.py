@@ -78,8 +78,8 @@ class ModelRouter:
     def _run_candidate(self, task: Task, payload: BaseModel, cand: Candidate, intent: str | None,
                        run_id: str | None, intent_budget_usd: float | None):
         provider = self.providers[cand.provider]
-        prompt = task.render(payload)
-        key = self.cache_key(task, cand, prompt)
+        context, prompt = task.context(payload), task.render(payload)
+        key = self.cache_key(task, cand, context + "\n" + prompt)
         base = {"run_id": run_id, "intent": intent, "task": task.name, "provider": cand.provider,
                 "model": cand.model, "price_version": self.prices.version}
         cached = self.db.cache_get(key)
@@ -89,11 +89,11 @@ class ModelRouter:
             self.db.record_llm_call(**base, cost_usd=0, outcome="ok", cache_hit=True,
                                     latency_ms=(time.perf_counter() - started) * 1000)
             return out
-        worst = Usage(input_tokens=estimate_tokens(task.system + prompt), output_tokens=task.max_tokens)
+        worst = Usage(input_tokens=estimate_tokens(task.system + context + prompt), output_tokens=task.max_tokens)
         self._check_budgets(self.prices.cost(cand.provider, cand.model, worst), intent, run_id, intent_budget_usd)
         started = time.perf_counter()
-        call = Call(task=task, payload=payload, model=cand.model, system=task.system, prompt=prompt,
-                    max_tokens=task.max_tokens)
+        call = Call(task=task, payload=payload, model=cand.model, system=task.system, context=context,
+                    prompt=prompt, max_tokens=task.max_tokens, output_schema=task.output.model_json_schema())
         try:
             completion = provider.complete(call)
             out = task.output.model_validate(completion.output)
