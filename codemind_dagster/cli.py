@@ -106,6 +106,10 @@ def _print_status(doc: dict) -> None:
     out.print(table)
     for r in doc["rejected"]:
         out.print(f"[red]rejected[/] {r['file']}: {r['error']}")
+    for a in doc.get("budget_alerts", []):
+        out.print(f"[yellow]budget[/] {a['scope']}: {a['threshold_percent']}% "
+                  f"(${float(a['spend_usd']):.4f} of ${float(a['budget_usd']):.4f})"
+                  + (" [red]calls blocked[/]" if a.get("blocking") else ""))
 
 
 @main.command()
@@ -182,9 +186,10 @@ def demo(intents_dir: Path, auto_approve: bool) -> None:
 
 def _register_platform_commands() -> None:
     from codemind_dagster.commands.dr import backup, dr
+    from codemind_dagster.commands.finops import backfill
     from codemind_dagster.commands.state import state
 
-    for command in (state, backup, dr):
+    for command in (state, backup, dr, backfill):
         main.add_command(command)
 
 

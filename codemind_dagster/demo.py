@@ -10,7 +10,8 @@ from codemind_dagster.settings import Settings
 
 def run_demo(settings: Settings, intents_dir: Path, *, auto_approve: bool = True) -> int:
     """Returns the exit code: 0 when every intent reached its last environment and is healthy."""
-    from codemind_dagster.cli import _print_status, approve_release, console as make_console
+    from codemind_dagster.cli import _print_status, approve_release
+    from codemind_dagster.cli import console as make_console
     from codemind_dagster.domain.intent import IntentError
     from codemind_dagster.driver import Driver
     from codemind_dagster.resources.intent_store import INTENT_SUFFIXES

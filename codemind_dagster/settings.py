@@ -26,6 +26,9 @@ class Settings(BaseModel):
     # Production promotion waits while the last successful DR drill is older than this; None: no gate.
     dr_max_validation_age_s: float | None = Field(default=None, gt=0)
     redis_url: str | None = None
+    llm_routing: Literal["offline", "providers"] = "offline"
+    llm_routes: str | None = None  # JSON routing table overriding the mode's defaults
+    repair_rounds: int = Field(default=3, ge=0, le=10)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -43,6 +46,9 @@ class Settings(BaseModel):
             "backup_retention": e.get("CODEMIND_BACKUP_RETENTION"),
             "dr_max_validation_age_s": e.get("CODEMIND_DR_MAX_VALIDATION_AGE_S"),
             "redis_url": e.get("CODEMIND_REDIS_URL"),
+            "llm_routing": e.get("CODEMIND_LLM_ROUTING"),
+            "llm_routes": e.get("CODEMIND_LLM_ROUTES"),
+            "repair_rounds": e.get("CODEMIND_REPAIR_ROUNDS"),
         }
         s = cls.model_validate({k: v for k, v in raw.items() if v not in (None, "")})
         return s.model_copy(update={"home": s.home.expanduser().resolve()})

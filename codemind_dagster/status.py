@@ -50,7 +50,10 @@ def platform_status(settings: Settings, db: PlatformDB, runtime) -> dict[str, An
             "llm_cost_usd": round(db.llm_spend(intent=row.name), 6),
             "error": row.error,
         })
-    return {"intents": intents, "rejected": [{"file": r.file, "error": r.error} for r in db.rejections()]}
+    from codemind_dagster.resources.budget_alerts import alerts_for_status
+
+    return {"intents": intents, "rejected": [{"file": r.file, "error": r.error} for r in db.rejections()],
+            "budget_alerts": alerts_for_status(db, daily_budget_usd=settings.daily_llm_budget_usd)}
 
 
 def _state(row, report, checks, release, environments, envs) -> str:

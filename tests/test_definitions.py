@@ -49,7 +49,7 @@ def test_definitions_surface_matches_the_snapshot(settings):
 def test_definitions_import_no_heavy_modules():
     code = ("import sys, codemind_dagster.definitions as d; d.defs.resolve_asset_graph(); "
             "print(','.join(m for m in ('kubernetes', 'boto3', 'great_expectations', 'fastapi', 'uvicorn', "
-            "'alembic', 'anthropic', 'openai', 'psycopg2') if m in sys.modules))")
+            "'alembic', 'anthropic', 'openai', 'psycopg2', 'redis', 'pandas') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
 
@@ -59,3 +59,11 @@ def test_k8s_profile_says_what_it_lacks(settings):
 
     with pytest.raises(RuntimeError, match="k8s profile is not available yet"):
         build_definitions(settings.model_copy(update={"profile": "k8s"}))
+
+
+def test_dagster_tools_load_the_code_location(settings, tmp_path):
+    dagster = str(Path(sys.executable).with_name("dagster"))
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
+    out = subprocess.run([dagster, "definitions", "validate", "-m", "codemind_dagster.definitions"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -43,7 +43,8 @@ def test_budget_is_checked_before_the_call(db, plan_input):
     with pytest.raises(BudgetExceeded) as exc:
         router.run(PLAN_TASK, plan_input, intent="loyalty-points", intent_budget_usd=0.01)
     assert "intent 'loyalty-points' budget of $0.0100 would be exceeded" in str(exc.value)
-    assert db.llm_calls() == []  # nothing was called, so nothing is owed
+    # Nothing was called, so nothing is owed; the refusal itself is on the ledger at $0.
+    assert [(c.outcome, float(c.cost_usd), c.input_tokens) for c in db.llm_calls()] == [("budget_blocked", 0, 0)]
 
 
 def test_daily_budget_counts_earlier_spend(db, plan_input):

@@ -8,6 +8,7 @@ from pydantic import BaseModel
 
 from codemind_dagster.agents.coding import CODE_TASK, CodeInput
 from codemind_dagster.agents.planning import PLAN_TASK, PlanInput
+from codemind_dagster.agents.repair import REPAIR_TASK, RepairInput
 from codemind_dagster.agents.testing import CONTRACT_TASK, ContractInput, run_tests
 from codemind_dagster.assets.partitions import intent_partitions
 from codemind_dagster.domain.business_model import BusinessModel
@@ -15,6 +16,7 @@ from codemind_dagster.domain.code import bundle_hash
 from codemind_dagster.domain.intent import Intent
 from codemind_dagster.domain.plan import ImplementationPlan
 from codemind_dagster.domain.testing import CHECK_NAMES, TestReport, evaluate_checks
+from codemind_dagster.resources.llm.router import BudgetExceeded
 from codemind_dagster.resources.platform import (
     ArtifactStoreResource,
     DatabaseResource,
@@ -87,39 +89,65 @@ def generated_code(context: dg.AssetExecutionContext, business_intents: Intent,
 def test_results(context: dg.AssetExecutionContext, business_intents: Intent, generated_code: GeneratedCode,
                  llm: ModelRouterResource, artifacts: ArtifactStoreResource, sandbox: TestSandboxResource,
                  database: DatabaseResource):
-    intent = business_intents
-    suite = llm.router().run(CONTRACT_TASK, ContractInput(intent=intent.canonical()), intent=intent.name,
-                             run_id=context.run_id, intent_budget_usd=_budget(intent))
-    db = database.client()
-    key = bundle_hash({"code": generated_code.artifact, **suite.files})
-    store = artifacts.store()
-    stored = db.test_run(intent.name, key)
-    if stored is not None:
-        report, reused = TestReport.model_validate(stored), True
-    else:
-        box = sandbox.sandbox()
-        workdir = box.root / f"{intent.name}-{key[:12]}-{context.run_id[:8]}"
-        shutil.rmtree(workdir, ignore_errors=True)
-        workdir.mkdir(parents=True)
+    intent, router, db, store = business_intents, llm.router(), database.client(), artifacts.store()
+    suite = router.run(CONTRACT_TASK, ContractInput(intent=intent.canonical()), intent=intent.name,
+                       run_id=context.run_id, intent_budget_usd=_budget(intent))
+    artifact = generated_code.artifact
+    report, reused, evidence = _test_artifact(context, intent, artifact, suite, db, store, sandbox)
+    repairs: list[str] = []
+    for rnd in range(1, sandbox.repair_rounds + 1):
+        checks = evaluate_checks(report, sandbox.coverage_threshold)
+        if all(c.passed for c in checks.values()):
+            break
+        failures = report.failures + [f"check {n} failed: {c.detail}" for n, c in checks.items() if not c.passed]
         try:
-            report = run_tests(bundle=store.read_bundle(generated_code.artifact), suite=suite,
-                               artifact=generated_code.artifact, workdir=workdir, sandbox=box)
-            store.keep_evidence(key, [workdir / n for n in ("junit.xml", "coverage.json", "bandit.json")])
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-        db.save_test_run(intent.name, key, report.model_dump(mode="json"))
-        reused = False
+            fixed = router.run(REPAIR_TASK, RepairInput(intent=intent.canonical(), files=store.read_bundle(artifact),
+                                                        failures=failures, round=rnd),
+                               intent=intent.name, run_id=context.run_id, intent_budget_usd=_budget(intent))
+        except BudgetExceeded as e:
+            repairs.append(f"round {rnd}: not attempted: {e}")
+            break
+        repaired = store.put_bundle(fixed.files)
+        if repaired == artifact:
+            repairs.append(f"round {rnd}: the code agent returned the same code; stopped")
+            break
+        artifact = repaired
+        report, reused, evidence = _test_artifact(context, intent, artifact, suite, db, store, sandbox)
+        repairs.append(f"round {rnd}: {artifact[:12]}: {report.passed} passed, {report.failed} failed")
+        context.log.info(f"repair {repairs[-1]}")
     yield dg.Output(report, metadata={
-        "artifact": generated_code.artifact, "reused_from_earlier_run": reused,
+        "artifact": report.artifact, "reused_from_earlier_run": reused,
         "contract_passed": report.contract.passed, "contract_failed": report.contract.failed + report.contract.errors,
         "own_passed": report.own.passed, "own_failed": report.own.failed + report.own.errors,
         "coverage_percent": report.coverage_percent, "security_high": report.security_high,
         "duration_s": report.duration_s, "sandbox": report.sandbox_reason or "ok",
         "failures": dg.MetadataValue.md("\n".join(f"- `{f}`" for f in report.failures) or "none"),
-        "evidence": dg.MetadataValue.path(str(store.root / "test-evidence" / key)),
+        "repairs": dg.MetadataValue.md("\n".join(f"- {r}" for r in repairs) or "none"),
+        "evidence": dg.MetadataValue.path(str(evidence)),
     })
     for name, outcome in evaluate_checks(report, sandbox.coverage_threshold).items():
         yield dg.AssetCheckResult(check_name=name, passed=outcome.passed, metadata={"detail": outcome.detail})
+
+
+def _test_artifact(context, intent: Intent, artifact: str, suite, db, store, sandbox: TestSandboxResource):
+    """Test one artifact with the contract suite, or reuse the evidence of an identical earlier test."""
+    key = bundle_hash({"code": artifact, **suite.files})
+    evidence = store.root / "test-evidence" / key
+    stored = db.test_run(intent.name, key)
+    if stored is not None:
+        return TestReport.model_validate(stored), True, evidence
+    box = sandbox.sandbox()
+    workdir = box.root / f"{intent.name}-{key[:12]}-{context.run_id[:8]}"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    try:
+        report = run_tests(bundle=store.read_bundle(artifact), suite=suite, artifact=artifact, workdir=workdir,
+                           sandbox=box)
+        store.keep_evidence(key, [workdir / n for n in ("junit.xml", "coverage.json", "bandit.json")])
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    db.save_test_run(intent.name, key, report.model_dump(mode="json"))
+    return report, False, evidence
 
 
 @dg.asset(partitions_def=intent_partitions, group_name="delivery", kinds={"python"}, owners=OWNERS,
@@ -128,16 +156,16 @@ def release_candidate(context: dg.AssetExecutionContext, business_intents: Inten
                       test_results: TestReport, database: DatabaseResource, artifacts: ArtifactStoreResource,
                       ) -> Release:
     db = database.client()
+    artifact = test_results.artifact  # the tested one: a repair may have replaced the generated code
     latest = db.latest_release(business_intents.name)
-    if latest is None or latest.artifact != generated_code.artifact or latest.spec_hash != business_intents.content_hash:
-        db.add_release(business_intents.name, generated_code.artifact, business_intents.content_hash, context.run_id)
+    if latest is None or latest.artifact != artifact or latest.spec_hash != business_intents.content_hash:
+        db.add_release(business_intents.name, artifact, business_intents.content_hash, context.run_id)
     db.set_intent_error(business_intents.name, None)
     context.add_output_metadata({
-        "artifact": generated_code.artifact,
-        "bundle": dg.MetadataValue.path(str(artifacts.store().bundle_dir(generated_code.artifact))),
+        "artifact": artifact, "repaired": artifact != generated_code.artifact,
+        "bundle": dg.MetadataValue.path(str(artifacts.store().bundle_dir(artifact))),
         "command": "python -m uvicorn service.app:app --host 127.0.0.1 --port $PORT",
         "tests_passed": test_results.passed, "coverage_percent": test_results.coverage_percent,
         "environments": ", ".join(business_intents.spec.promotion.environments),
     })
-    return Release(intent=business_intents.name, artifact=generated_code.artifact,
-                   spec_hash=business_intents.content_hash)
+    return Release(intent=business_intents.name, artifact=artifact, spec_hash=business_intents.content_hash)

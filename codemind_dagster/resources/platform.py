@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -91,17 +92,29 @@ class GraphStoreResource(dg.ConfigurableResource):
 
 
 class ModelRouterResource(dg.ConfigurableResource):
-    """The only door from agents to models: cache, budgets and ledger."""
+    """The only door from agents to models: routing, retries, cache, budgets and ledger."""
 
     database: DatabaseResource
     daily_budget_usd: float
     run_budget_usd: float
+    routing: str = "offline"
+    routes_json: str | None = None
+    redis_url: str | None = None
 
     def router(self) -> ModelRouter:
         from codemind_dagster.resources.llm.router import ModelRouter
 
-        return ModelRouter(db=self.database.client(), daily_budget_usd=self.daily_budget_usd,
-                           run_budget_usd=self.run_budget_usd)
+        routes, cache = None, None
+        if self.routes_json:
+            from codemind_dagster.resources.llm.routes_config import parse_routes
+
+            routes = parse_routes(self.routes_json)
+        if self.redis_url:
+            from codemind_dagster.resources.llm.cache import RedisResponseCache
+
+            cache = RedisResponseCache(self.redis_url)
+        return ModelRouter(db=self.database.client(), routing=self.routing, routes=routes, cache=cache,
+                           daily_budget_usd=self.daily_budget_usd, run_budget_usd=self.run_budget_usd)
 
 
 class TestSandboxResource(dg.ConfigurableResource):
@@ -113,6 +126,7 @@ class TestSandboxResource(dg.ConfigurableResource):
     timeout_s: float
     memory_mb: int
     coverage_threshold: float
+    repair_rounds: int = 3
 
     def sandbox(self) -> SubprocessSandbox:
         from codemind_dagster.resources.sandbox import SubprocessSandbox
@@ -130,3 +144,17 @@ class RuntimeResource(dg.ConfigurableResource):
         from codemind_dagster.resources.runtime import LocalRuntime
 
         return LocalRuntime(Path(self.root), health_timeout_s=self.health_timeout_s)
+
+
+class ReportsResource(dg.ConfigurableResource):
+    """Where cost reports are written ($CODEMIND_HOME/reports) and the billing account named in FOCUS exports."""
+
+    root: str
+    billing_account_id: str = "codemind"
+    billing_account_name: str = "CodeMind"
+
+    def focus_path(self, day: date) -> Path:
+        return Path(self.root) / "focus" / f"{day.isoformat()}.csv"
+
+    def budget_path(self, day: date) -> Path:
+        return Path(self.root) / "budget" / f"{day.isoformat()}.csv"

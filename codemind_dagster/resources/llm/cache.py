@@ -1,0 +1,118 @@
+"""Exact-match response caches for the model router: SQL (the platform DB) or Redis."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from codemind_dagster.resources import tables as t
+from codemind_dagster.resources.database import PlatformDB, now
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """What is stored beside a response, so a cache row says where it came from."""
+
+    task: str
+    provider: str
+    model: str
+
+
+class ResponseCache(Protocol):
+    name: str
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
+        """The stored responses of the keys that hit (one round trip)."""
+        ...
+
+    def put(self, key: str, entry: CacheEntry, response: Any) -> None: ...
+
+
+_ONE = sa.select(t.llm_cache.c.key, t.llm_cache.c.response).where(t.llm_cache.c.key == sa.bindparam("key"))
+_MANY = sa.select(t.llm_cache.c.key, t.llm_cache.c.response).where(
+    t.llm_cache.c.key.in_(sa.bindparam("keys", expanding=True)))
+
+
+class SqlResponseCache:
+    """The `llm_cache` table of the platform database; rows live until deleted."""
+
+    name = "sql"
+
+    def __init__(self, db: PlatformDB):
+        self.db = db
+        dialect = db.engine.dialect.name
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        elif dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:  # pragma: no cover - the platform runs on SQLite and PostgreSQL only
+            insert = None
+        # A conflict means another run cached the same answer first: keeping either is correct.
+        self._insert = insert(t.llm_cache).on_conflict_do_nothing(index_elements=["key"]) if insert else None
+
+    def get_many(self, keys: Sequence[str], conn: Connection | None = None) -> dict[str, Any]:
+        """`conn`: run on the caller's connection (the router's), inside its transaction."""
+        if conn is None:
+            with self.db.engine.connect() as own:
+                return self.get_many(keys, own)
+        q = _ONE if len(keys) == 1 else _MANY
+        return {k: v for k, v in conn.execute(q, {"key": keys[0]} if len(keys) == 1 else {"keys": list(keys)})}
+
+    def put(self, key: str, entry: CacheEntry, response: Any, conn: Connection | None = None) -> None:
+        if self._insert is None:  # pragma: no cover
+            self.db.cache_put(key, task=entry.task, provider=entry.provider, model=entry.model, response=response)
+            return
+        if conn is None:
+            with self.db.tx() as own:
+                return self.put(key, entry, response, own)
+        conn.execute(self._insert, {"key": key, "task": entry.task, "provider": entry.provider,
+                                    "model": entry.model, "response": response, "created_at": now()})
+
+
+class RedisResponseCache:
+    """Redis strings with a TTL, shared by every process that points at the same server."""
+
+    name = "redis"
+
+    def __init__(self, url: str, ttl_s: float = 7 * 24 * 3600, *, prefix: str = "codemind:llm-cache:"):
+        import redis  # only the Redis profile pays for the import
+
+        self.url, self.ttl_s, self.prefix = url, ttl_s, prefix
+        self.client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
+        values = self.client.mget([self.prefix + k for k in keys])
+        return {k: json.loads(v)["response"] for k, v in zip(keys, values, strict=True) if v is not None}
+
+    def put(self, key: str, entry: CacheEntry, response: Any) -> None:
+        blob = json.dumps({"task": entry.task, "provider": entry.provider, "model": entry.model,
+                           "response": response}, separators=(",", ":"))
+        # nx: the first answer stored wins, as in the SQL cache; the envelope says where it came from.
+        self.client.set(self.prefix + key, blob, ex=max(1, int(self.ttl_s)), nx=True)
+
+    def delete_all(self) -> int:
+        """Remove every key under this cache's prefix (tests and `cache clear`)."""
+        keys = list(self.client.scan_iter(match=self.prefix + "*", count=500))
+        return self.client.delete(*keys) if keys else 0
+
+
+class NoResponseCache:
+    """Caching off: every call goes to a provider."""
+
+    name = "off"
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
+        return {}
+
+    def put(self, key: str, entry: CacheEntry, response: Any) -> None:
+        return None
+
+
+def response_cache(db: PlatformDB, redis_url: str | None = None, ttl_s: float = 7 * 24 * 3600) -> ResponseCache:
+    """Redis when a URL is configured, otherwise the platform database."""
+    return RedisResponseCache(redis_url, ttl_s) if redis_url else SqlResponseCache(db)
