@@ -187,9 +187,10 @@ def demo(intents_dir: Path, auto_approve: bool) -> None:
 def _register_platform_commands() -> None:
     from codemind_dagster.commands.dr import backup, dr
     from codemind_dagster.commands.finops import backfill
+    from codemind_dagster.commands.llm import llm
     from codemind_dagster.commands.state import state
 
-    for command in (state, backup, dr, backfill):
+    for command in (state, backup, dr, backfill, llm):
         main.add_command(command)
 
 

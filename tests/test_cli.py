@@ -91,7 +91,8 @@ def test_submit_prints_the_partition_key_and_is_idempotent(tmp_path: Path, codem
 def test_every_command_has_help():
     runner = CliRunner()
     for args in ([], ["intent"], ["intent", "submit"], ["demo"], ["status"], ["approve"], ["down"], ["ui"], ["state"], ["backup"],
-                 ["dr"], ["dr", "validate"], ["backfill"], ["backfill", "cost-report"]):
+                 ["dr"], ["dr", "validate"], ["backfill"], ["backfill", "cost-report"],
+                 ["llm"], ["llm", "check"]):
         r = runner.invoke(main, [*args, "--help"])
         assert r.exit_code == 0 and "Usage:" in r.output, args
 

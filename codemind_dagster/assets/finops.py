@@ -5,10 +5,8 @@ import os
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, timedelta
 from decimal import Decimal
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,7 @@ TOLERANCE_USD = 1e-6
 SUMMED = ("calls", "cache_hits", "errors", "null_costs", *focus.TOKEN_COLUMNS)
 
 
-def _aggregate_slice(db: PlatformDB, start: datetime, end: datetime) -> list[dict[str, Any]]:
+def _aggregate(db: PlatformDB, start: datetime, end: datetime) -> list[dict[str, Any]]:
     led = t.llm_ledger.c
     keys = [led[k] for k in GROUP_KEYS]
     q = (sa.select(
@@ -49,31 +47,18 @@ def _aggregate_slice(db: PlatformDB, start: datetime, end: datetime) -> list[dic
             sa.func.min(led.cost_usd).label("min_cost_usd"),
             (sa.func.count() - sa.func.count(led.cost_usd)).label("null_costs"))
          .where(led.at >= start, led.at < end)
-         .group_by(*keys))
+         .group_by(*keys)
+         # SQLite would pick the `at` index and sort the whole day for GROUP BY; the covering report
+         # index hands it the rows already in group order. PostgreSQL plans this well by itself.
+         .with_hint(t.llm_ledger, "INDEXED BY ix_llm_ledger_report", "sqlite"))
     with db.engine.connect() as c:
         return [dict(r._mapping) for r in c.execute(q)]
 
 
-def _sqlite_slices() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
-
-
-def aggregate_day(db: PlatformDB, day: date, *, slices: int | None = None) -> list[dict[str, Any]]:
-    """The day's ledger grouped by intent, task, provider, model and price version, summed in the database.
-
-    SQLite has no hash aggregation: its GROUP BY sorts every row of the day on one core. There the day is
-    cut into time slices aggregated on parallel connections (WAL readers) and the few hundred partial groups
-    are merged here; PostgreSQL runs one query (it hash-aggregates with its own parallel workers).
-    """
+def aggregate_day(db: PlatformDB, day: date) -> list[dict[str, Any]]:
+    """The day's ledger grouped by intent, task, provider, model and price version, summed in the database."""
     start, end = focus.day_bounds(day)
-    if slices is None:
-        slices = _sqlite_slices() if db.engine.dialect.name == "sqlite" else 1
-    if slices <= 1:
-        parts = [_aggregate_slice(db, start, end)]
-    else:
-        bounds = [start + (end - start) * i / slices for i in range(slices + 1)]
-        with ThreadPoolExecutor(slices) as pool:
-            parts = list(pool.map(lambda ab: _aggregate_slice(db, *ab), pairwise(bounds)))
+    parts = [_aggregate(db, start, end)]
     merged: dict[tuple, dict[str, Any]] = {}
     for part in parts:
         for r in part:

@@ -65,6 +65,10 @@ llm_ledger = sa.Table(
     sa.Column("outcome", sa.String(32), nullable=False),
     sa.Column("cache_hit", sa.Boolean, nullable=False, default=False),
     sa.Column("error", sa.Text),
+    # Covers the daily cost report in group-key order, so SQLite aggregates without sorting the day.
+    sa.Index("ix_llm_ledger_report", "intent", "task", "provider", "model", "price_version", "at", "cache_hit",
+             "outcome", "input_tokens", "cache_write_tokens", "cache_read_tokens", "output_tokens",
+             "reasoning_tokens", "cost_usd"),
 )
 
 llm_cache = sa.Table(
