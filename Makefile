@@ -6,7 +6,7 @@ ifeq ($(UV),)
 UV := .tools/bin/uv
 endif
 
-.PHONY: setup demo test test-fast ui down validate bench clean
+.PHONY: setup demo test ui down validate bench bench-router bench-cost clean
 setup: .venv/.synced
 
 .tools/bin/uv:
@@ -34,6 +34,12 @@ down: setup
 
 bench: setup
 	.venv/bin/python benchmarks/pipeline.py
+
+bench-router: setup
+	.venv/bin/python benchmarks/router.py
+
+bench-cost: setup
+	.venv/bin/python benchmarks/cost_report.py
 
 clean:
 	rm -rf .venv .tools .codemind

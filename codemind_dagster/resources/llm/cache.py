@@ -33,6 +33,33 @@ class ResponseCache(Protocol):
     def put(self, key: str, entry: CacheEntry, response: Any) -> None: ...
 
 
+class CompiledSql:
+    """A Core statement compiled once for one dialect and run on a raw DBAPI cursor (the SQLite hot path).
+
+    Binds go through the same type processors SQLAlchemy would apply (datetimes, JSON, booleans), so the rows
+    written and read are identical to the Core path, without compiling and building a result per call.
+    """
+
+    __slots__ = ("_literals", "_names", "_procs", "sql")
+
+    def __init__(self, stmt: Any, dialect: Any, column_keys: Sequence[str] | None = None):
+        compiled = stmt.compile(dialect=dialect, column_keys=list(column_keys) if column_keys else None)
+        self.sql = compiled.string
+        self._names = tuple(compiled.positiontup or ())
+        self._procs = tuple(compiled.binds[n].type._cached_bind_processor(dialect) for n in self._names)
+        self._literals = {n: compiled.binds[n].value for n in self._names}
+
+    def args(self, params: dict[str, Any]) -> tuple:
+        out = []
+        for name, proc in zip(self._names, self._procs, strict=True):
+            v = params[name] if name in params else self._literals[name]
+            out.append(proc(v) if proc is not None else v)
+        return tuple(out)
+
+    def execute(self, cursor: Any, params: dict[str, Any]) -> Any:
+        return cursor.execute(self.sql, self.args(params))
+
+
 _ONE = sa.select(t.llm_cache.c.key, t.llm_cache.c.response).where(t.llm_cache.c.key == sa.bindparam("key"))
 _MANY = sa.select(t.llm_cache.c.key, t.llm_cache.c.response).where(
     t.llm_cache.c.key.in_(sa.bindparam("keys", expanding=True)))
@@ -54,6 +81,39 @@ class SqlResponseCache:
             insert = None
         # A conflict means another run cached the same answer first: keeping either is correct.
         self._insert = insert(t.llm_cache).on_conflict_do_nothing(index_elements=["key"]) if insert else None
+        # The SQLite hot path (the router's held connection): statements compiled once, run on the DBAPI cursor.
+        self.raw = dialect == "sqlite" and self._insert is not None
+        self._raw_gets: dict[int, CompiledSql] = {}
+        self._raw_put: CompiledSql | None = None
+        self._raw_response = None
+
+    def _raw_get(self, n: int) -> CompiledSql:
+        q = self._raw_gets.get(n)
+        if q is None:
+            d = self.db.engine.dialect
+            key = t.llm_cache.c.key
+            q = CompiledSql(sa.select(key, t.llm_cache.c.response).where(
+                key.in_([sa.bindparam(f"k{i}") for i in range(n)]) if n > 1 else key == sa.bindparam("k0")), d)
+            if len(self._raw_gets) < 64:
+                self._raw_gets[n] = q
+            if self._raw_response is None:
+                self._raw_response = t.llm_cache.c.response.type._cached_result_processor(d, None)
+        return q
+
+    def get_many_raw(self, cursor: Any, keys: Sequence[str]) -> dict[str, Any]:
+        """`get_many` on a DBAPI cursor of a SQLite connection, inside the caller's transaction."""
+        q = self._raw_get(len(keys))
+        rows = q.execute(cursor, {f"k{i}": k for i, k in enumerate(keys)}).fetchall()
+        proc = self._raw_response
+        return {k: (proc(v) if proc is not None else v) for k, v in rows}
+
+    def put_raw(self, cursor: Any, key: str, entry: CacheEntry, response: Any) -> None:
+        """`put` on a DBAPI cursor of a SQLite connection, inside the caller's transaction."""
+        if self._raw_put is None:
+            self._raw_put = CompiledSql(self._insert, self.db.engine.dialect,
+                                        ["key", "task", "provider", "model", "response", "created_at"])
+        self._raw_put.execute(cursor, {"key": key, "task": entry.task, "provider": entry.provider,
+                                       "model": entry.model, "response": response, "created_at": now()})
 
     def get_many(self, keys: Sequence[str], conn: Connection | None = None) -> dict[str, Any]:
         """`conn`: run on the caller's connection (the router's), inside its transaction."""

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from codemind_dagster.agents.task import Task
 from codemind_dagster.resources import tables as t
 from codemind_dagster.resources.database import PlatformDB, now
-from codemind_dagster.resources.llm.cache import CacheEntry, ResponseCache, SqlResponseCache
+from codemind_dagster.resources.llm.cache import CacheEntry, CompiledSql, ResponseCache, SqlResponseCache
 from codemind_dagster.resources.llm.errors import (
     FatalError,
     OutputError,
@@ -190,6 +190,32 @@ class HeldConnection:
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def run_raw(self, work: Callable[[Any], Any]) -> Any:
+        """`work(cursor)` in one transaction on the DBAPI connection under the held one (SQLite only).
+
+        The hot path of every call: no statement compilation or result objects. The held connection is idle
+        between units of work (each `run` commits), so committing the DBAPI connection here is the same commit.
+        """
+        conn = self._get()
+        if conn.in_transaction():  # pragma: no cover - every unit of work ends its transaction
+            conn.commit()
+        raw = conn.connection.dbapi_connection
+        cur = raw.cursor()
+        try:
+            result = work(cur)
+            if raw.in_transaction:
+                raw.commit()
+            return result
+        except BaseException:
+            try:
+                raw.rollback()
+            except Exception:  # noqa: BLE001
+                self._drop()
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                cur.close()
+
     def close(self) -> None:
         self._drop()
 
@@ -232,21 +258,26 @@ class SpendTotals:
         self._lock = threading.Lock()
         self._totals: dict[tuple, tuple[int, list[float]]] = {}
 
-    def read(self, conn: sa.Connection, kinds: tuple[str, ...], params: dict[str, Any]) -> tuple[float, ...]:
+    def read(self, conn: Callable[[sa.Select, dict[str, Any]], Any] | sa.Connection, kinds: tuple[str, ...],
+             params: dict[str, Any]) -> tuple[float, ...]:
+        """`conn`: a connection, or a function running a statement and returning its one row."""
+        if isinstance(conn, sa.Connection):
+            sa_conn = conn
+            conn = lambda q, p: sa_conn.execute(q, p).one()
         if not self.incremental:
-            return tuple(float(v or 0) for v in conn.execute(_spend_query(kinds), params).one()[1:])
+            return tuple(float(v or 0) for v in conn(_spend_query(kinds), params)[1:])
         key = (kinds, *sorted(params.items()))
         with self._lock:  # read and advance together, or two threads would add the same rows twice
             seen = self._totals.get(key)
             if seen is not None:
-                row = conn.execute(_spend_query(kinds, True), {**params, "last_id": seen[0]}).one()
+                row = conn(_spend_query(kinds, True), {**params, "last_id": seen[0]})
                 newest = row[0] or 0
                 if newest >= seen[0]:
                     totals = [a + float(b or 0) for a, b in zip(seen[1], row[1:], strict=True)]
                     self._totals[key] = (newest, totals)
                     return tuple(totals)
                 # The ledger went back (a restored database): start over from the whole ledger.
-            row = conn.execute(_spend_query(kinds), params).one()
+            row = conn(_spend_query(kinds), params)
             totals = [float(v or 0) for v in row[1:]]
             if len(self._totals) > 256:  # one entry per (intent, day, run): old days and runs age out
                 self._totals.clear()
@@ -329,6 +360,18 @@ class ModelRouter:
         # The SQL cache shares the router's connection and transactions: lookup with the budget read,
         # insert with the ledger row.
         self._sql_cache = isinstance(self.cache, SqlResponseCache) and self.cache.db.engine is self.db.engine
+        # SQLite: the hot-path statements are compiled once and run on the DBAPI cursor of the held connection.
+        self._raw = self.db.engine.dialect.name == "sqlite"
+        self._raw_sql: dict[Any, CompiledSql] = {}
+
+    def _compiled(self, stmt: Any, column_keys: tuple[str, ...] | None = None) -> CompiledSql:
+        q = self._raw_sql.get((stmt, column_keys))
+        if q is None:
+            q = self._raw_sql[(stmt, column_keys)] = CompiledSql(stmt, self.db.engine.dialect, column_keys)
+        return q
+
+    def _raw_one(self, cur: Any) -> Callable[[sa.Select, dict[str, Any]], Any]:
+        return lambda q, p: self._compiled(q).execute(cur, p).fetchone()
 
     def close(self) -> None:
         """Release this thread's database connection (it is also released when the router is collected)."""
@@ -496,13 +539,19 @@ class ModelRouter:
             except Exception as e:  # noqa: BLE001 - a cache outage degrades to provider calls
                 log.warning("LLM response cache %s: get failed: %s", self.cache.name, e)
 
-        def read(conn: sa.Connection) -> dict[str, Any]:
-            hits = self.cache.get_many(key_list, conn=conn) if self._sql_cache else found
+        raw = self._raw and (not self._sql_cache or self.cache.raw)
+
+        def read(conn: Any) -> dict[str, Any]:
+            if self._sql_cache:
+                hits = self.cache.get_many_raw(conn, key_list) if raw else self.cache.get_many(key_list, conn=conn)
+            else:
+                hits = found
             if read_spend and r.scopes and not hits:
-                r.spent = self._spend(conn, r.scopes)
+                r.spent = self._spend(self._raw_one(conn) if raw else conn, r.scopes)
             return hits
 
-        found = self._conn.run(read) if (self._sql_cache or (read_spend and r.scopes and not found)) else found
+        if self._sql_cache or (read_spend and r.scopes and not found):
+            found = self._conn.run_raw(read) if raw else self._conn.run(read)
         for cand in candidates:
             if keys[cand] not in found:
                 continue
@@ -531,14 +580,27 @@ class ModelRouter:
 
     def _write(self, row: dict[str, Any], cache: tuple[str, CacheEntry, Any] | None = None) -> None:
         """One ledger row, committed before the answer is returned; a SQL cache entry rides in the same commit."""
-        if cache is not None and self._sql_cache:
-            try:
-                self._conn.run(lambda c: (c.execute(_LEDGER_INSERT, row), self.cache.put(*cache, conn=c)))
-                return
-            except Exception as e:  # noqa: BLE001 - the answer is paid for: the ledger row must land alone
-                log.warning("LLM response cache %s: put failed: %s", self.cache.name, e)
-                cache = None
-        self._conn.run(lambda c: c.execute(_LEDGER_INSERT, row))
+        if self._raw:  # SQLite: statements compiled once, on the DBAPI cursor of the held connection
+            ledger = self._compiled(_LEDGER_INSERT, tuple(row))
+            insert = lambda c: ledger.execute(c, row)
+            if cache is not None and self._sql_cache and self.cache.raw:
+                entry = cache
+                try:
+                    self._conn.run_raw(lambda c: (insert(c), self.cache.put_raw(c, *entry)))
+                    return
+                except Exception as e:  # noqa: BLE001 - the answer is paid for: the ledger row must land alone
+                    log.warning("LLM response cache %s: put failed: %s", self.cache.name, e)
+                    cache = None
+            self._conn.run_raw(insert)
+        else:
+            if cache is not None and self._sql_cache:
+                try:
+                    self._conn.run(lambda c: (c.execute(_LEDGER_INSERT, row), self.cache.put(*cache, conn=c)))
+                    return
+                except Exception as e:  # noqa: BLE001 - the answer is paid for: the ledger row must land alone
+                    log.warning("LLM response cache %s: put failed: %s", self.cache.name, e)
+                    cache = None
+            self._conn.run(lambda c: c.execute(_LEDGER_INSERT, row))
         if cache is not None:
             try:
                 self.cache.put(*cache)
@@ -572,7 +634,8 @@ class ModelRouter:
         if estimate <= 0 or scopes is None:
             return  # a free (offline) call cannot exceed a budget, spent or not
         if spent is None:
-            spent = self._conn.run(lambda c: self._spend(c, scopes))
+            spent = (self._conn.run_raw(lambda c: self._spend(self._raw_one(c), scopes)) if self._raw
+                     else self._conn.run(lambda c: self._spend(c, scopes)))
         for name, limit, used in zip(scopes.names, scopes.limits, spent, strict=True):
             # A spent budget stops every priced call, however small.
             if used + estimate > limit or used >= limit:
