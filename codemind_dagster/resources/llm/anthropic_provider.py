@@ -189,10 +189,10 @@ def parse_message(provider: str, call: Call, message: Any) -> Completion:
     return Completion(output=answer, usage=usage, raw=raw)
 
 
-class _AnthropicFamily:
-    """One implementation for both endpoints; subclasses say how to build the client and what is missing."""
+class SdkProvider:
+    """What every SDK-backed provider shares: a lazy client, a configuration check, availability."""
 
-    name = "anthropic"
+    name: str
     timeout_s: float
 
     def __init__(self) -> None:
@@ -214,10 +214,19 @@ class _AnthropicFamily:
         missing = self._missing()
         return (False, missing) if missing else (True, f"configured: {self._endpoint()}")
 
-    def complete(self, call: Call) -> Completion:
+    def _ensure_configured(self) -> None:
         missing = self._missing()
         if missing:
             raise ProviderUnavailable(self.name, missing)
+
+
+class _AnthropicFamily(SdkProvider):
+    """One implementation for both endpoints; subclasses say how to build the client and what is missing."""
+
+    name = "anthropic"
+
+    def complete(self, call: Call) -> Completion:
+        self._ensure_configured()
         import anthropic
 
         redact = self._redactor()

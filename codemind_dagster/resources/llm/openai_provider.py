@@ -8,8 +8,8 @@ from typing import Any
 from pydantic import SecretStr
 
 from codemind_dagster.resources.llm.anthropic_provider import (
-    LazyClient,
     Redactor,
+    SdkProvider,
     connection_error,
     feedback_text,
     output_error,
@@ -82,33 +82,13 @@ def parse_chat(provider: str, call: Call, response: Any) -> Completion:
     return Completion(output=output, usage=usage, raw=raw)
 
 
-class _OpenAIFamily:
+class _OpenAIFamily(SdkProvider):
+    """One implementation for OpenAI and Azure OpenAI; subclasses build the client."""
+
     name = "openai"
-    timeout_s: float
-
-    def __init__(self) -> None:
-        self._client = LazyClient()
-
-    def _missing(self) -> str | None:
-        raise NotImplementedError
-
-    def _build(self) -> Any:
-        raise NotImplementedError
-
-    def _redactor(self) -> Redactor:
-        raise NotImplementedError
-
-    def _endpoint(self) -> str:
-        raise NotImplementedError
-
-    def available(self) -> tuple[bool, str]:
-        missing = self._missing()
-        return (False, missing) if missing else (True, f"configured: {self._endpoint()}")
 
     def complete(self, call: Call) -> Completion:
-        missing = self._missing()
-        if missing:
-            raise ProviderUnavailable(self.name, missing)
+        self._ensure_configured()
         import openai
 
         redact = self._redactor()
