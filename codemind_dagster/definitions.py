@@ -5,7 +5,12 @@ from __future__ import annotations
 import dagster as dg
 
 from codemind_dagster.assets import dr, platform
-from codemind_dagster.assets.delivery import generated_code, implementation_plan, release_candidate, test_results
+from codemind_dagster.assets.delivery import (
+    generated_code,
+    implementation_plan,
+    release_candidate,
+    test_results,
+)
 from codemind_dagster.assets.deployments import deployment_assets
 from codemind_dagster.assets.finops import cost_report_job, finops_assets
 from codemind_dagster.assets.intake import business_intents, business_model

@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from codemind_dagster.agents.task import Task, intent_context
-from codemind_dagster.domain.code import ContractSuite
+from codemind_dagster.domain.code import ContractSuite, write_bundle
 from codemind_dagster.domain.intent import Intent
 from codemind_dagster.domain.testing import SuiteResult, TestReport
 
@@ -42,15 +42,6 @@ CONTRACT_TASK = Task(
 )
 
 
-def _write(root: Path, files: dict[str, str]) -> None:
-    for rel, text in files.items():
-        target = (root / rel).resolve()
-        if not target.is_relative_to(root.resolve()):
-            raise ValueError(f"bundle path {rel!r} escapes the sandbox directory")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
-
-
 def _junit(path: Path) -> tuple[SuiteResult, SuiteResult, list[str]]:
     """Tally a JUnit file into (contract, own) results plus failure summaries."""
     import xml.etree.ElementTree as ET  # noqa: S405 - pytest's own report; expat guards entity expansion
@@ -79,8 +70,8 @@ def _junit(path: Path) -> tuple[SuiteResult, SuiteResult, list[str]]:
 def run_tests(*, bundle: dict[str, str], suite: ContractSuite, artifact: str, workdir: Path, sandbox) -> TestReport:
     """Run own and contract tests with coverage, then a security scan, all inside the sandbox."""
     started = time.monotonic()
-    _write(workdir, bundle)
-    _write(workdir, suite.files)
+    write_bundle(workdir, bundle)
+    write_bundle(workdir, suite.files)
     (workdir / PYTEST_CONFIG).write_text("[pytest]\n")
     py = sys.executable
     tests = sandbox.run(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 from pydantic import BaseModel, Field
 
@@ -15,6 +16,17 @@ def bundle_hash(files: dict[str, str]) -> str:
         h.update(f"{path}\0{len(data)}\0".encode())
         h.update(data)
     return h.hexdigest()
+
+
+def write_bundle(root: Path, files: dict[str, str]) -> None:
+    """Write a bundle's files under root; a path that would land outside root is refused."""
+    base = root.resolve()
+    for rel, text in files.items():
+        target = (base / rel).resolve()
+        if not target.is_relative_to(base):
+            raise ValueError(f"bundle path {rel!r} escapes {root}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
 
 
 class CodeBundle(BaseModel):

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from codemind_dagster.domain.code import bundle_hash
+from codemind_dagster.domain.code import bundle_hash, write_bundle
 
 
 class LocalArtifactStore:
@@ -31,12 +31,7 @@ class LocalArtifactStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=target.parent))
         try:
-            for rel, text in files.items():
-                path = (tmp / rel).resolve()
-                if not path.is_relative_to(tmp.resolve()):
-                    raise ValueError(f"bundle path {rel!r} escapes the bundle")
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(text)
+            write_bundle(tmp, files)
             (tmp / ".manifest.json").write_text(json.dumps({"sha256": digest, "files": sorted(files)}))
             try:
                 os.rename(tmp, target)
