@@ -27,7 +27,8 @@ def _db(settings: Settings):
 def _runtime(settings: Settings):
     from codemind_dagster.resources.runtime import LocalRuntime
 
-    return LocalRuntime(settings.runtime_dir, health_timeout_s=settings.health_timeout_s)
+    return LocalRuntime(settings.runtime_dir, health_timeout_s=settings.health_timeout_s,
+                        public_ports=settings.public_ports)
 
 
 def _store(settings: Settings):

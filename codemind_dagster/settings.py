@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 
 class Settings(BaseModel):
@@ -29,6 +29,26 @@ class Settings(BaseModel):
     llm_routing: Literal["offline", "providers"] = "offline"
     llm_routes: str | None = None  # JSON routing table overriding the mode's defaults
     repair_rounds: int = Field(default=3, ge=0, le=10)
+    # Where environments' stable URLs live: below the kernel's ephemeral range (see runtime.PUBLIC_PORTS).
+    public_ports: tuple[int, int] = (20000, 29999)
+
+    @field_validator("public_ports", mode="before")
+    @classmethod
+    def _port_range(cls, v: object) -> object:
+        """`20000-29999` (inclusive), as CODEMIND_PUBLIC_PORTS gives it."""
+        if isinstance(v, str):
+            lo, sep, hi = v.partition("-")
+            if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+                raise ValueError(f"expected LOW-HIGH, e.g. 20000-29999, got {v!r}")
+            return int(lo), int(hi)
+        return v
+
+    @field_validator("public_ports")
+    @classmethod
+    def _ports_in_range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 1024 <= v[0] <= v[1] <= 65535:
+            raise ValueError(f"{v[0]}-{v[1]}: expected a range within 1024-65535, low end first")
+        return v
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -49,6 +69,7 @@ class Settings(BaseModel):
             "llm_routing": e.get("CODEMIND_LLM_ROUTING"),
             "llm_routes": e.get("CODEMIND_LLM_ROUTES"),
             "repair_rounds": e.get("CODEMIND_REPAIR_ROUNDS"),
+            "public_ports": e.get("CODEMIND_PUBLIC_PORTS"),
         }
         s = cls.model_validate({k: v for k, v in raw.items() if v not in (None, "")})
         return s.model_copy(update={"home": s.home.expanduser().resolve()})

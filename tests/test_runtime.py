@@ -168,6 +168,8 @@ def test_first_deploy_serves_the_bundle(rt: LocalRuntime, bundle) -> None:
     assert st.proxy_pid and st.memory_rss_bytes and st.memory_rss_bytes > 0 and st.uptime_s >= 0
     assert st.started_at
     assert [s.environment for s in rt.list()] == ["dev"]
+    lo, hi = runtime_module.PUBLIC_PORTS
+    assert lo <= st.port <= hi < 32768
 
 
 def test_new_version_takes_the_same_url_and_old_process_stops(rt: LocalRuntime, bundle) -> None:
@@ -347,6 +349,77 @@ def test_dead_proxy_is_restarted_on_the_same_port(rt: LocalRuntime, bundle) -> N
     assert version(again.url) == "v1"
 
 
+def test_a_published_port_taken_while_the_proxy_was_down_names_its_holder(tmp_path: Path, bundle) -> None:
+    runtime = LocalRuntime(tmp_path / "runtime", health_timeout_s=30, stop_grace_s=3, rebind_grace_s=0.3)
+    squatter = None
+    try:
+        first = runtime.deploy(service="shop", environment="dev", artifact="v1", bundle_dir=bundle("v1"))
+        os.kill(runtime.status("shop", "dev").proxy_pid, signal.SIGKILL)
+        port = int(first.url.rsplit(":", 1)[1])
+        deadline = time.monotonic() + 10
+        while squatter is None:
+            try:
+                squatter = listener(port)
+            except OSError:  # the killed proxy's listening socket is not closed yet
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(DeployError, match=rf"port {port} is taken by pid {os.getpid()} .*cannot be kept"):
+            runtime.deploy(service="shop", environment="dev", artifact="v1", bundle_dir=bundle("v1-again"))
+        assert time.monotonic() - started >= 0.3  # it waited out the grace period first
+        squatter.close()
+        squatter = None
+        again = runtime.deploy(service="shop", environment="dev", artifact="v1", bundle_dir=bundle("v1-third"))
+        assert again.url == first.url and version(again.url) == "v1"
+    finally:
+        if squatter is not None:
+            squatter.close()
+        runtime.stop_all()
+        assert ours(runtime.root) == []
+
+
+def listener(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # binds beside closing connections, as the runtime
+    sock.bind(("127.0.0.1", port))
+    sock.listen(1)
+    return sock
+
+
+def free_block(n: int) -> int:
+    """The low end of `n` consecutive public ports that are free right now."""
+    lo, hi = runtime_module.PUBLIC_PORTS
+    for start in range(hi - n, lo, -n):
+        try:
+            for s in [listener(p) for p in range(start, start + n)]:
+                s.close()
+            return start
+        except OSError:
+            continue
+    raise AssertionError("no free block of public ports")
+
+
+def test_public_urls_come_from_the_public_range_and_skip_taken_ports(tmp_path: Path, bundle) -> None:
+    """Stable URLs stay out of the kernel's ephemeral range, so no outgoing connection can take one."""
+    low = free_block(3)
+    taken = [listener(low), listener(low + 2)]
+    runtime = LocalRuntime(tmp_path / "runtime", health_timeout_s=30, stop_grace_s=3, public_ports=(low, low + 2))
+    try:
+        out = runtime.deploy(service="shop", environment="dev", artifact="v1", bundle_dir=bundle("v1"))
+        assert out.url == f"http://127.0.0.1:{low + 1}" and version(out.url) == "v1"
+        with pytest.raises(DeployError, match=f"every public port in {low}-{low + 2} is taken"):
+            runtime.deploy(service="shop", environment="staging", artifact="v1", bundle_dir=bundle("v1-staging"))
+        assert runtime.status("shop", "staging") is None
+        assert [st.environment for st in runtime.list()] == ["dev"]
+    finally:
+        for sock in taken:
+            sock.close()
+        runtime.stop_all()
+        assert ours(runtime.root) == []
+    with pytest.raises(ValueError, match="public ports 30000-20000"):
+        LocalRuntime(tmp_path / "other", public_ports=(30000, 20000))
+
+
 def test_bad_names_and_bundles_are_refused(rt: LocalRuntime, bundle, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="service name"):
         rt.deploy(service="../etc", environment="dev", artifact="x", bundle_dir=bundle("v1"))
@@ -437,3 +510,15 @@ def test_proxy_imports_only_the_standard_library() -> None:
         "dagster",
         "asyncio",
     }
+
+
+@pytest.mark.parametrize("text", ["abc", "20000", "30000-20000", "80-90", "20000-70000"])
+def test_a_bad_public_port_range_is_a_clear_settings_error(text: str) -> None:
+    from pydantic import ValidationError
+
+    from codemind_dagster.settings import Settings
+
+    assert Settings.from_env({"CODEMIND_PUBLIC_PORTS": "21000-21010"}).public_ports == (21000, 21010)
+    with pytest.raises(ValidationError, match="public_ports") as info:
+        Settings.from_env({"CODEMIND_PUBLIC_PORTS": text})
+    assert "LOW-HIGH" in str(info.value) or "within 1024-65535" in str(info.value)

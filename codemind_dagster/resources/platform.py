@@ -139,11 +139,15 @@ class RuntimeResource(dg.ConfigurableResource):
 
     root: str
     health_timeout_s: float
+    # Inclusive range of the environments' stable ports: see runtime.PUBLIC_PORTS.
+    public_port_low: int = 20000
+    public_port_high: int = 29999
 
     def runtime(self) -> LocalRuntime:
         from codemind_dagster.resources.runtime import LocalRuntime
 
-        return LocalRuntime(Path(self.root), health_timeout_s=self.health_timeout_s)
+        return LocalRuntime(Path(self.root), health_timeout_s=self.health_timeout_s,
+                            public_ports=(self.public_port_low, self.public_port_high))
 
 
 class ReportsResource(dg.ConfigurableResource):

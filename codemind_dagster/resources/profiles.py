@@ -41,7 +41,8 @@ def local_resources(s: Settings) -> dict[str, Any]:
         "sandbox": TestSandboxResource(root=str(s.sandbox_dir), timeout_s=s.sandbox_timeout_s,
                                        memory_mb=s.sandbox_memory_mb, coverage_threshold=s.coverage_threshold,
                                        repair_rounds=s.repair_rounds),
-        "runtime": RuntimeResource(root=str(s.runtime_dir), health_timeout_s=s.health_timeout_s),
+        "runtime": RuntimeResource(root=str(s.runtime_dir), health_timeout_s=s.health_timeout_s,
+                                   public_port_low=s.public_ports[0], public_port_high=s.public_ports[1]),
         "promotion_policy": PromotionPolicyResource(dr_max_validation_age_s=s.dr_max_validation_age_s),
         # Through EnvVar, so a password in the URL never shows in the UI's resource config.
         "reports": ReportsResource(root=str(s.reports_dir)),

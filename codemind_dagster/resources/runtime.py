@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import http.client
 import json
@@ -104,6 +105,14 @@ class _Paths:
         return self.dir / "releases"
 
 
+# Stable URLs come from below the kernel's ephemeral range (32768-60999 by default): a port the kernel may
+# hand to any outgoing connection could be taken while a proxy restarts, and the environment's URL lost.
+PUBLIC_PORTS = (20000, 29999)
+# How long a published port may stay busy before it counts as taken: a killed process's threads may still be
+# exiting, and its sockets stay open until the last one has.
+REBIND_GRACE_S = 5.0
+
+
 class LocalRuntime:
     """Runs each (service, environment) as local processes; all state lives in files under `root`.
 
@@ -126,7 +135,14 @@ class LocalRuntime:
         health_timeout_s: float = 30.0,
         stop_grace_s: float = 10.0,
         probe_timeout_s: float = 0.5,
+        public_ports: tuple[int, int] = PUBLIC_PORTS,
+        rebind_grace_s: float = REBIND_GRACE_S,
     ) -> None:
+        lo, hi = public_ports
+        if not 1024 <= lo <= hi <= 65535:
+            raise ValueError(f"public ports {lo}-{hi}: expected a range within 1024-65535, low end first")
+        self.public_ports = (lo, hi)
+        self.rebind_grace_s = rebind_grace_s
         self.root = Path(root).resolve()
         self.host = host
         self.health_timeout_s = health_timeout_s
@@ -235,19 +251,38 @@ class LocalRuntime:
         _save_state(paths, state)
 
     def _bind_public(self, state: dict) -> socket.socket:
-        port = state.get("port") or 0
-        try:
-            listener = _listen(self.host, port)
-        except OSError as exc:
-            if state.get("published"):
-                raise DeployError(
-                    f"{state['service']}/{state['environment']}: port {port} is taken by another process "
-                    f"({exc}); its URL {self.url(port)} cannot be kept. Free the port and deploy again."
-                ) from exc
-            # Nothing was ever served there, so nobody can depend on that URL yet.
-            listener = _listen(self.host, 0)
+        port = state.get("port")
+        listener = None
+        if port:
+            try:
+                # A proxy that was just killed holds its socket until its last thread has exited.
+                listener = _listen(self.host, port, retry_s=self.rebind_grace_s if state.get("published") else 0.0)
+            except OSError as exc:
+                if state.get("published"):
+                    raise DeployError(
+                        f"{state['service']}/{state['environment']}: port {port} is taken by "
+                        f"{_holder(self.host, port)} ({exc}); its URL {self.url(port)} cannot be kept. "
+                        f"Free the port and deploy again."
+                    ) from exc
+                # Nothing was ever served there, so nobody can depend on that URL yet.
+        if listener is None:
+            listener = self._claim_public_port(f"{state['service']}/{state['environment']}")
         state["port"] = listener.getsockname()[1]
         return listener
+
+    def _claim_public_port(self, name: str) -> socket.socket:
+        """A listener on a free public port, probing from a random start.
+
+        Random, not derived from the name: another CODEMIND_HOME deploying the same service must not aim at the
+        port of one whose proxy is restarting. The port is then kept in state.json.
+        """
+        lo, hi = self.public_ports
+        span = hi - lo + 1
+        start = secrets.randbelow(span)
+        for i in range(span):
+            with contextlib.suppress(OSError):
+                return _listen(self.host, lo + (start + i) % span)
+        raise DeployError(f"{name}: every public port in {lo}-{hi} is taken; widen CODEMIND_PUBLIC_PORTS")
 
     def _recover(self, paths: _Paths, state: dict, artifact: str) -> dict | None:
         """Finish what an interrupted deploy left: adopt its new process if wanted and healthy, else remove it."""
@@ -697,17 +732,34 @@ def _running(proc: psutil.Process) -> bool:
 # ---- network ----------------------------------------------------------------------------------
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def _listen(host: str, port: int, retry_s: float = 0.0) -> socket.socket:
+    """A listening socket on host:port; a port in use is tried again for up to `retry_s` seconds."""
+    deadline = time.monotonic() + retry_s
+    while True:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            # Lets a restarted proxy rebind its port while old connections sit in TIME_WAIT.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(128)
+            return sock
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.05)
+
+
+def _holder(host: str, port: int) -> str:
+    """Who has host:port bound, as far as this user may see: "pid 123 (python3 …)" or "another process"."""
     try:
-        # Lets a restarted proxy rebind its port while old connections sit in TIME_WAIT.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(128)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+        for c in psutil.net_connections(kind="tcp"):
+            if c.laddr and c.laddr.port == port and c.laddr.ip in (host, "0.0.0.0", "::") and c.pid:
+                proc = psutil.Process(c.pid)
+                return f"pid {c.pid} ({' '.join(proc.cmdline()[:3])[:120]}, {c.status})"
+    except psutil.Error:
+        pass
+    return "another process"
 
 
 def _free_port(host: str) -> int:
