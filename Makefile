@@ -36,7 +36,7 @@ bench: setup
 	.venv/bin/python benchmarks/pipeline.py
 
 bench-router: setup
-	.venv/bin/python benchmarks/router.py
+	UV=$(UV) .venv/bin/python benchmarks/router.py
 
 bench-cost: setup
 	.venv/bin/python benchmarks/cost_report.py

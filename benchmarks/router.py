@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -75,11 +76,20 @@ def start_standin() -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
+def uv_command() -> str:
+    """uv from $UV (the Makefile passes its own), PATH, or the copy `make` bootstraps into .tools/."""
+    found = os.environ.get("UV") or shutil.which("uv")
+    if found:
+        return str(Path(found).resolve()) if os.sep in found else found  # LiteLLM runs in another directory
+    local = REPO / ".tools" / "bin" / "uv"
+    return str(local) if local.exists() else "uv"
+
+
 def run_litellm(url: str, n: int, system: str, context: str, schema: dict) -> tuple[list[float], str]:
     with tempfile.NamedTemporaryFile("w", suffix="_litellm_bench.py", delete=False) as f:
         f.write(LITELLM)
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False"}
-    cmd = ["uv", "run", "--no-project", "--with", "litellm", "python", f.name, url, MODEL, API_KEY, str(n),
+    cmd = [uv_command(), "run", "--no-project", "--with", "litellm", "python", f.name, url, MODEL, API_KEY, str(n),
            str(WARMUP), system, context, json.dumps(schema)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env, check=False,

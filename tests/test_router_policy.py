@@ -13,7 +13,12 @@ import pytest
 from pydantic import BaseModel
 
 from codemind_dagster.agents.task import Task
-from codemind_dagster.resources.llm.cache import NoResponseCache, RedisResponseCache, SqlResponseCache
+from codemind_dagster.resources.llm.cache import (
+    CacheEntry,
+    NoResponseCache,
+    RedisResponseCache,
+    SqlResponseCache,
+)
 from codemind_dagster.resources.llm.errors import (
     FatalError,
     OutputError,
@@ -129,6 +134,23 @@ def test_cheapest_candidate_meeting_the_tier_goes_first(db):
     assert [c.model for c in router.candidates(TASK)] == ["a1", "b1", "g1"]
     tier2 = Task(**{**TASK.__dict__, "tier": 2})
     assert [c.model for c in router.candidates(tier2)] == ["b1", "g1"]
+
+
+def test_a_replaced_route_list_or_price_table_takes_effect_on_the_next_call(db):
+    """The per-task plan is built once, and rebuilt when the routes or the prices it was built from change."""
+    alpha, beta = Scripted("alpha", [OK]), Scripted("beta", [OK])
+    router = make_router(db, {"alpha": alpha, "beta": beta},
+                         routes={"planning": [Candidate("alpha", "a1", 1), Candidate("beta", "b1", 1)]})
+    router.run(TASK, ask("one"))
+    router.routes["planning"] = [Candidate("beta", "b1", 1)]
+    router.run(TASK, ask("two"))
+    router.routes["planning"].append(Candidate("alpha", "a1", 1))
+    router.run(TASK, ask("three"))
+    router.prices = PriceTable(version="test2", models={**PRICES.models, "alpha/a1": Price(9.0, 9.0, 9.0, 99.0)})
+    router.run(TASK, ask("four"))
+    calls = [(r.provider, r.price_version, float(r.cost_usd)) for r in db.llm_calls()]
+    assert [c[:2] for c in calls] == [("alpha", "test"), ("beta", "test"), ("alpha", "test"), ("beta", "test2")]
+    assert calls[3][2] == pytest.approx(PRICES.models["beta/b1"].cost(USAGE))
 
 
 def test_default_routes_put_the_cheapest_qualified_model_first(db):
@@ -467,6 +489,11 @@ def test_spend_totals_stay_exact_while_other_writers_add_rows(db):
             full = tuple(float(v) for v in c.execute(_spend_query(kinds), params).one()[1:])
         assert got == pytest.approx(full)
     assert got == pytest.approx((0.625, 1.875, 1.5))
+    # With cache keys, the same statement reads their stored responses (None for a miss).
+    SqlResponseCache(db).put("key-hit", CacheEntry("coding", "alpha", "a1"), {"text": "cached", "n": 2})
+    with db.engine.connect() as c:
+        spent, stored = totals.read(c, kinds, params, ("key-miss", "key-hit"))
+    assert spent == pytest.approx((0.625, 1.875, 1.5)) and stored == (None, {"text": "cached", "n": 2})
     # A ledger that goes back (a restored database) is read again from the start.
     with db.engine.begin() as c:
         c.execute(sa.text("DELETE FROM llm_ledger"))

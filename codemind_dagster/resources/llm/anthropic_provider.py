@@ -175,18 +175,18 @@ def parse_message(provider: str, call: Call, message: Any) -> Completion:
     usage = Usage(input_tokens=_n(u.input_tokens),
                   cache_write_tokens=_n(getattr(u, "cache_creation_input_tokens", 0)),
                   cache_read_tokens=_n(getattr(u, "cache_read_input_tokens", 0)), output_tokens=_n(u.output_tokens))
-    text = "".join(getattr(b, "text", "") for b in message.content if b.type == "text")
     tools = [b for b in message.content if b.type == "tool_use"]
     if not tools:
+        text = "".join(getattr(b, "text", "") for b in message.content if b.type == "text")
         raise output_error(f"{provider}: the model answered without calling {tool_name(call)} "
                            f"(stop_reason {message.stop_reason})", text, usage)
     answer = tools[0].input
-    raw = json.dumps(answer)
     if message.stop_reason == "max_tokens":
-        raise output_error(f"{provider}: the answer was cut off at max_tokens={call.max_tokens}", raw, usage)
+        raise output_error(f"{provider}: the answer was cut off at max_tokens={call.max_tokens}",
+                           json.dumps(answer), usage)
     if not isinstance(answer, dict):
-        raise output_error(f"{provider}: the tool input is not a JSON object", raw, usage)
-    return Completion(output=answer, usage=usage, raw=raw)
+        raise output_error(f"{provider}: the tool input is not a JSON object", json.dumps(answer), usage)
+    return Completion(output=answer, usage=usage)
 
 
 class SdkProvider:
@@ -229,25 +229,24 @@ class _AnthropicFamily(SdkProvider):
         self._ensure_configured()
         import anthropic
 
-        redact = self._redactor()
         try:
             client = self._client.get(self._build)
         except ValueError as exc:
-            raise ProviderUnavailable(self.name, redact(f"cannot build the client: {exc}")) from None
+            raise ProviderUnavailable(self.name, self._redactor()(f"cannot build the client: {exc}")) from None
         try:
             message = client.messages.create(**messages_request(call))
         except anthropic.APIStatusError as exc:
             etype = exc.response.headers.get("x-amzn-errortype", "").split(":")[0] or None
-            raise status_error(self.name, exc.status_code, exc.body, exc.response.headers, redact,
+            raise status_error(self.name, exc.status_code, exc.body, exc.response.headers, self._redactor(),
                                etype) from None
         except anthropic.APIConnectionError as exc:  # includes APITimeoutError
-            raise connection_error(self.name, exc, self.timeout_s, redact) from None
+            raise connection_error(self.name, exc, self.timeout_s, self._redactor()) from None
         except json.JSONDecodeError as exc:  # a 200 whose body is not JSON (a proxy's page, say)
             raise OutputError(f"{self.name}: the response body is not JSON", raw=exc.doc[:10_000]) from None
         except anthropic.APIResponseValidationError as exc:
             raise OutputError(f"{self.name}: unexpected response shape", raw=str(exc.body)[:10_000]) from None
         except anthropic.AnthropicError as exc:
-            raise FatalError(self.name, redact(f"{type(exc).__name__}: {exc}")) from None
+            raise FatalError(self.name, self._redactor()(f"{type(exc).__name__}: {exc}")) from None
         return parse_message(self.name, call, message)
 
 

@@ -40,21 +40,19 @@ class CompiledSql:
     written and read are identical to the Core path, without compiling and building a result per call.
     """
 
-    __slots__ = ("_literals", "_names", "_procs", "sql")
+    __slots__ = ("_literals", "_plan", "sql")
 
     def __init__(self, stmt: Any, dialect: Any, column_keys: Sequence[str] | None = None):
         compiled = stmt.compile(dialect=dialect, column_keys=list(column_keys) if column_keys else None)
         self.sql = compiled.string
-        self._names = tuple(compiled.positiontup or ())
-        self._procs = tuple(compiled.binds[n].type._cached_bind_processor(dialect) for n in self._names)
-        self._literals = {n: compiled.binds[n].value for n in self._names}
+        names = tuple(compiled.positiontup or ())
+        self._plan = tuple((n, compiled.binds[n].type._cached_bind_processor(dialect)) for n in names)
+        # Values bound at compile time (a literal in the statement) unless the call passes its own.
+        self._literals = {n: compiled.binds[n].value for n in names if compiled.binds[n].value is not None}
 
-    def args(self, params: dict[str, Any]) -> tuple:
-        out = []
-        for name, proc in zip(self._names, self._procs, strict=True):
-            v = params[name] if name in params else self._literals[name]
-            out.append(proc(v) if proc is not None else v)
-        return tuple(out)
+    def args(self, params: dict[str, Any]) -> list:
+        v = {**self._literals, **params} if self._literals else params
+        return [v[n] if p is None else p(v[n]) for n, p in self._plan]
 
     def execute(self, cursor: Any, params: dict[str, Any]) -> Any:
         return cursor.execute(self.sql, self.args(params))
@@ -107,13 +105,22 @@ class SqlResponseCache:
         proc = self._raw_response
         return {k: (proc(v) if proc is not None else v) for k, v in rows}
 
-    def put_raw(self, cursor: Any, key: str, entry: CacheEntry, response: Any) -> None:
-        """`put` on a DBAPI cursor of a SQLite connection, inside the caller's transaction."""
+    def decode_raw(self, keys: Sequence[str], stored: Sequence[Any]) -> dict[str, Any]:
+        """The hits among `keys`, from raw `response` values read alongside (None: a miss)."""
+        if not any(v is not None for v in stored):
+            return {}
+        if self._raw_response is None:
+            self._raw_response = t.llm_cache.c.response.type._cached_result_processor(self.db.engine.dialect, None)
+        proc = self._raw_response
+        return {k: (proc(v) if proc is not None else v) for k, v in zip(keys, stored, strict=True) if v is not None}
+
+    def put_raw(self, cursor: Any, key: str, entry: CacheEntry, response: Any, at: Any = None) -> None:
+        """`put` on a DBAPI cursor of a SQLite connection, inside the caller's transaction; `at`: its time."""
         if self._raw_put is None:
             self._raw_put = CompiledSql(self._insert, self.db.engine.dialect,
                                         ["key", "task", "provider", "model", "response", "created_at"])
         self._raw_put.execute(cursor, {"key": key, "task": entry.task, "provider": entry.provider,
-                                       "model": entry.model, "response": response, "created_at": now()})
+                                       "model": entry.model, "response": response, "created_at": at or now()})
 
     def get_many(self, keys: Sequence[str], conn: Connection | None = None) -> dict[str, Any]:
         """`conn`: run on the caller's connection (the router's), inside its transaction."""

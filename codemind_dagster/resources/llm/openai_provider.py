@@ -91,24 +91,24 @@ class _OpenAIFamily(SdkProvider):
         self._ensure_configured()
         import openai
 
-        redact = self._redactor()
         try:
             client = self._client.get(self._build)
         except (ValueError, openai.OpenAIError) as exc:
-            raise ProviderUnavailable(self.name, redact(f"cannot build the client: {exc}")) from None
+            raise ProviderUnavailable(self.name, self._redactor()(f"cannot build the client: {exc}")) from None
         try:
             response = client.chat.completions.create(**chat_request(call))
         except openai.APIStatusError as exc:
             # The SDK unwraps {"error": {...}}: exc.body is the inner object.
-            raise status_error(self.name, exc.status_code, exc.body, exc.response.headers, redact) from None
+            raise status_error(self.name, exc.status_code, exc.body, exc.response.headers,
+                               self._redactor()) from None
         except openai.APIConnectionError as exc:  # includes APITimeoutError
-            raise connection_error(self.name, exc, self.timeout_s, redact) from None
+            raise connection_error(self.name, exc, self.timeout_s, self._redactor()) from None
         except json.JSONDecodeError as exc:  # a 200 whose body is not JSON (a proxy's page, say)
             raise OutputError(f"{self.name}: the response body is not JSON", raw=exc.doc[:10_000]) from None
         except openai.APIResponseValidationError as exc:
             raise OutputError(f"{self.name}: unexpected response shape", raw=str(exc.body)[:10_000]) from None
         except openai.OpenAIError as exc:
-            raise FatalError(self.name, redact(f"{type(exc).__name__}: {exc}")) from None
+            raise FatalError(self.name, self._redactor()(f"{type(exc).__name__}: {exc}")) from None
         return parse_chat(self.name, call, response)
 
 

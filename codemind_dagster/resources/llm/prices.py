@@ -26,6 +26,10 @@ class Price:
                 + usage.cache_read_tokens * self.cache_read
                 + (usage.output_tokens + usage.reasoning_tokens) * self.output) / 1_000_000
 
+    def worst_case(self, input_tokens: int, max_tokens: int) -> float:
+        """USD for `input_tokens` uncached and `max_tokens` of output: the most a call can cost."""
+        return (input_tokens * self.input + max_tokens * self.output) / 1_000_000
+
     def cache_savings(self, usage: Usage) -> float:
         """What prompt-cache reads saved against paying the full input price for them."""
         return usage.cache_read_tokens * max(0.0, self.input - self.cache_read) / 1_000_000

@@ -25,13 +25,33 @@ class Call:
     feedback: str | None = None  # why the previous answer was rejected, on the one re-ask
 
 
-@dataclass(frozen=True)
 class Completion:
-    """The model's JSON answer (not yet validated against the schema) and normalized usage."""
+    """The model's JSON answer (not yet validated against the schema) and normalized usage.
 
-    output: dict[str, Any]
-    usage: Usage
-    raw: str = ""
+    `raw` is the answer's text; when the provider parsed it from a structure it is serialized on first use
+    (large code answers are only ever re-read on an error path).
+    """
+
+    __slots__ = ("_raw", "output", "usage")
+
+    def __init__(self, output: dict[str, Any], usage: Usage, raw: str | None = None):
+        self.output, self.usage, self._raw = output, usage, raw
+
+    @property
+    def raw(self) -> str:
+        if self._raw is None:
+            self._raw = json.dumps(self.output)
+        return self._raw
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Completion):
+            return NotImplemented
+        return (self.output, self.usage, self.raw) == (other.output, other.usage, other.raw)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable output: not hashable, like the dataclass it replaces
+
+    def __repr__(self) -> str:
+        return f"Completion(output={self.output!r}, usage={self.usage!r})"
 
 
 class Provider(Protocol):

@@ -105,6 +105,25 @@ def _schema(output: type[BaseModel]) -> tuple[dict[str, Any], str]:
     return schema, hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@cache
+def _key_prefix(provider: str, model: str, task: str, version: str, digest: str, max_tokens: int,
+                system: str) -> Any:
+    """The response-cache key's hash over everything but the prompt, once per task and candidate.
+
+    A key is an exact match: provider, model, parameters, system prompt, output schema (version and shape)
+    and the prompt. The JSON header cannot contain a raw newline, so header + newline + prompt is unambiguous.
+    """
+    header = json.dumps({"provider": provider, "model": model, "task": task, "schema": version,
+                         "schema_digest": digest, "max_tokens": max_tokens, "system": system}, sort_keys=True)
+    return hashlib.sha256(header.encode() + b"\n")
+
+
+def _hash_key(prefix: Any, prompt: bytes) -> str:
+    h = prefix.copy()
+    h.update(prompt)
+    return h.hexdigest()
+
+
 class Cooldowns:
     """Consecutive transient failures per candidate; at the threshold the candidate sits out a while.
 
@@ -118,6 +137,8 @@ class Cooldowns:
         self._until: dict[tuple[str, str], float] = {}
 
     def remaining(self, key: tuple[str, str], now: float) -> float:
+        if key not in self._until:  # the usual case, without the lock: a dict lookup is atomic
+            return 0.0
         with self._lock:
             return max(0.0, self._until.get(key, 0.0) - now)
 
@@ -146,6 +167,11 @@ class Cooldowns:
 COOLDOWNS = Cooldowns()
 
 
+_FORKS = [0]  # bumped in a forked child: a connection opened before the fork belongs to the parent
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork to detect
+    os.register_at_fork(after_in_child=lambda: _FORKS.__setitem__(0, _FORKS[0] + 1))
+
+
 class HeldConnection:
     """One platform-DB connection per thread, reused by every call of a router.
 
@@ -158,14 +184,15 @@ class HeldConnection:
         self._local = threading.local()
 
     def _get(self) -> sa.Connection:
-        conn, pid = getattr(self._local, "conn", None), getattr(self._local, "pid", None)
-        if conn is None or conn.closed or conn.invalidated or pid != os.getpid():
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is None or conn.closed or conn.invalidated or local.forks != _FORKS[0]:
             conn = self.db.engine.connect()
-            self._local.conn, self._local.pid = conn, os.getpid()
+            local.conn, local.raw, local.forks = conn, None, _FORKS[0]
         return conn
 
     def _drop(self) -> None:
-        conn, self._local.conn = getattr(self._local, "conn", None), None
+        conn, self._local.conn, self._local.raw = getattr(self._local, "conn", None), None, None
         if conn is not None:
             with contextlib.suppress(Exception):  # it is being discarded anyway
                 conn.close()
@@ -190,21 +217,33 @@ class HeldConnection:
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def run_raw(self, work: Callable[[Any], Any]) -> Any:
-        """`work(cursor)` in one transaction on the DBAPI connection under the held one (SQLite only).
+    def _raw(self) -> Any:
+        local = self._local
+        raw = getattr(local, "raw", None)
+        if raw is None or local.forks != _FORKS[0]:
+            conn = self._get()
+            if conn.in_transaction():  # pragma: no cover - every unit of work ends its transaction
+                conn.commit()
+            raw = local.raw = conn.connection.dbapi_connection
+        return raw
+
+    def run_raw(self, work: Callable[[Any], Any], *, write: bool = False) -> Any:
+        """`work(cursor)` on the DBAPI connection under the held one (SQLite only); `write`: in one transaction.
 
         The hot path of every call: no statement compilation or result objects. The held connection is idle
-        between units of work (each `run` commits), so committing the DBAPI connection here is the same commit.
+        between units of work (each `run` commits). Inside, the connection is in autocommit mode and the
+        transaction is explicit, so BEGIN and COMMIT come from the statement cache instead of being prepared
+        on every call; a read is one statement, one snapshot.
         """
-        conn = self._get()
-        if conn.in_transaction():  # pragma: no cover - every unit of work ends its transaction
-            conn.commit()
-        raw = conn.connection.dbapi_connection
+        raw = self._raw()
+        level, raw.isolation_level = raw.isolation_level, None
         cur = raw.cursor()
         try:
+            if write:
+                cur.execute("BEGIN")
             result = work(cur)
             if raw.in_transaction:
-                raw.commit()
+                cur.execute("COMMIT")
             return result
         except BaseException:
             try:
@@ -213,8 +252,11 @@ class HeldConnection:
                 self._drop()
             raise
         finally:
-            with contextlib.suppress(Exception):
+            try:
                 cur.close()
+            except Exception:  # noqa: BLE001, S110 - closing a cursor cannot lose data
+                pass
+            raw.isolation_level = level
 
     def close(self) -> None:
         self._drop()
@@ -229,10 +271,16 @@ _SPEND_CONDITIONS = {
 
 
 @cache
-def _spend_query(scopes: tuple[str, ...], since_id: bool = False) -> sa.Select:
+def _lookup_names(n: int) -> tuple[str, ...]:
+    return tuple(f"k{i}" for i in range(n))
+
+
+@cache
+def _spend_query(scopes: tuple[str, ...], since_id: bool = False, lookups: int = 0) -> sa.Select:
     """Spend of each scope and the ledger's newest id, in one statement (one round trip, one snapshot).
 
-    Built once per combination of scopes; `since_id` restricts it to the rows after :last_id.
+    Built once per shape; `since_id` restricts it to the rows after :last_id; `lookups` appends the cached
+    responses of keys :k0 ... (NULL on a miss), so a cache miss costs one statement, budgets included.
     """
     conds = [_SPEND_CONDITIONS[s] for s in scopes]
     led = t.llm_ledger.c
@@ -240,8 +288,11 @@ def _spend_query(scopes: tuple[str, ...], since_id: bool = False) -> sa.Select:
     where = sa.or_(*conds)
     if since_id:
         where = sa.and_(led.id > sa.bindparam("last_id"), where)
-    return sa.select(newest, *(sa.func.coalesce(sa.func.sum(sa.case((c, led.cost_usd), else_=0)), 0)
-                               for c in conds)).where(where)
+    cached = (sa.select(t.llm_cache.c.response).where(t.llm_cache.c.key == sa.bindparam(f"k{i}"))
+              .scalar_subquery() for i in range(lookups))
+    zero = sa.literal_column("0")  # inline: a bound 0 per scope would cost a bind on every check
+    return sa.select(newest, *(sa.func.coalesce(sa.func.sum(sa.case((c, led.cost_usd), else_=zero)), zero)
+                               for c in conds), *cached).where(where)
 
 
 class SpendTotals:
@@ -258,31 +309,44 @@ class SpendTotals:
         self._lock = threading.Lock()
         self._totals: dict[tuple, tuple[int, list[float]]] = {}
 
-    def read(self, conn: Callable[[sa.Select, dict[str, Any]], Any] | sa.Connection, kinds: tuple[str, ...],
-             params: dict[str, Any]) -> tuple[float, ...]:
-        """`conn`: a connection, or a function running a statement and returning its one row."""
-        if isinstance(conn, sa.Connection):
-            sa_conn = conn
-            conn = lambda q, p: sa_conn.execute(q, p).one()
-        if not self.incremental:
-            return tuple(float(v or 0) for v in conn(_spend_query(kinds), params)[1:])
+    def read(self, fetch: Callable[[sa.Select, dict[str, Any]], Any] | sa.Connection, kinds: tuple[str, ...],
+             params: dict[str, Any], lookups: tuple[str, ...] = ()) -> Any:
+        """Spend per scope; with `lookups` (cache keys), (spend, the stored response of each key or None).
+
+        `fetch(statement, params)` runs a statement and returns its one row; a Connection works too.
+        """
+        if isinstance(fetch, sa.Connection):
+            conn = fetch
+            fetch = lambda q, p: conn.execute(q, p).one()
+        n, m = len(kinds), len(lookups)
+        binds = {**params, **dict(zip(_lookup_names(m), lookups, strict=True))} if m else params
+        if self.incremental:
+            totals, row = self._advance(fetch, kinds, params, binds, m)
+        else:
+            row = fetch(_spend_query(kinds, False, m), binds)
+            totals = [float(v or 0) for v in row[1:1 + n]]
+        return (tuple(totals), tuple(row[1 + n:])) if m else tuple(totals)
+
+    def _advance(self, fetch: Callable[[sa.Select, dict[str, Any]], Any], kinds: tuple[str, ...],
+                 params: dict[str, Any], binds: dict[str, Any], m: int) -> tuple[list[float], Any]:
+        n = len(kinds)
         key = (kinds, *sorted(params.items()))
         with self._lock:  # read and advance together, or two threads would add the same rows twice
             seen = self._totals.get(key)
             if seen is not None:
-                row = conn(_spend_query(kinds, True), {**params, "last_id": seen[0]})
+                row = fetch(_spend_query(kinds, True, m), {**binds, "last_id": seen[0]})
                 newest = row[0] or 0
                 if newest >= seen[0]:
-                    totals = [a + float(b or 0) for a, b in zip(seen[1], row[1:], strict=True)]
+                    totals = [a + float(b or 0) for a, b in zip(seen[1], row[1:1 + n], strict=True)]
                     self._totals[key] = (newest, totals)
-                    return tuple(totals)
+                    return totals, row
                 # The ledger went back (a restored database): start over from the whole ledger.
-            row = conn(_spend_query(kinds), params)
-            totals = [float(v or 0) for v in row[1:]]
+            row = fetch(_spend_query(kinds, False, m), binds)
+            totals = [float(v or 0) for v in row[1:1 + n]]
             if len(self._totals) > 256:  # one entry per (intent, day, run): old days and runs age out
                 self._totals.clear()
             self._totals[key] = (row[0] or 0, totals)
-            return tuple(totals)
+            return totals, row
 
 
 @dataclass(frozen=True)
@@ -303,7 +367,20 @@ class _Skip(_FailOver):
     """The candidate turned out to be unavailable: it was skipped, not failed."""
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """One candidate of a task with what each call to it reuses: price, cache-key prefix, cache entry."""
+
+    cand: Candidate
+    price: Price
+    key_prefix: Any  # a sha256 over everything but the prompt
+    entry: CacheEntry
+
+    def key(self, prompt: bytes) -> str:
+        return _hash_key(self.key_prefix, prompt)
+
+
+@dataclass(slots=True)
 class _Run:
     """One `run` call: what the ledger rows share and what happened so far."""
 
@@ -355,6 +432,8 @@ class ModelRouter:
         if self.cache is None:
             self.cache = SqlResponseCache(self.db)
         self._availability: dict[str, tuple[float, bool, str]] = {}
+        self._plans: dict[tuple, tuple[Any, int, PriceTable, tuple[_Route, ...]]] = {}
+        self._scope_memo: dict[tuple, _Scopes | None] = {}
         self._conn = HeldConnection(self.db)
         self._spend_totals = SpendTotals(incremental=self.db.engine.dialect.name == "sqlite")
         # The SQL cache shares the router's connection and transactions: lookup with the budget read,
@@ -363,6 +442,7 @@ class ModelRouter:
         # SQLite: the hot-path statements are compiled once and run on the DBAPI cursor of the held connection.
         self._raw = self.db.engine.dialect.name == "sqlite"
         self._raw_sql: dict[Any, CompiledSql] = {}
+        self._one_read = self._raw and self._sql_cache and self.cache.raw
 
     def _compiled(self, stmt: Any, column_keys: tuple[str, ...] | None = None) -> CompiledSql:
         q = self._raw_sql.get((stmt, column_keys))
@@ -388,31 +468,52 @@ class ModelRouter:
                               f"{self.prices.version} does not price: add them to prices.json")
         return sorted(eligible, key=lambda c: blended_price(self.prices.models[f"{c.provider}/{c.model}"]))
 
+    def _plan(self, task: Task) -> tuple[_Route, ...]:
+        """The task's candidates in order with their prices and cache-key prefixes, built once per task.
+
+        Rebuilt when the task's route list or the price table is replaced (or the list changes length).
+        """
+        sig = (task.name, task.tier, task.version, task.max_tokens, task.system, task.output)
+        listed = self.routes.get(task.name)
+        known = self._plans.get(sig)
+        if known is not None and known[0] is listed and known[1] == len(listed or ()) and known[2] is self.prices:
+            return known[3]
+        digest = _schema(task.output)[1]
+        plan = tuple(_Route(c, self.prices.models[f"{c.provider}/{c.model}"],
+                            _key_prefix(c.provider, c.model, task.name, task.version, digest, task.max_tokens,
+                                        task.system), CacheEntry(task.name, c.provider, c.model))
+                     for c in self.candidates(task))
+        if len(self._plans) > 256:
+            self._plans.clear()
+        self._plans[sig] = (listed, len(listed or ()), self.prices, plan)
+        return plan
+
     def run(self, task: Task, payload: BaseModel, *, intent: str | None = None, run_id: str | None = None,
             intent_budget_usd: float | None = None) -> O:
-        candidates = self.candidates(task)
-        if not candidates:
+        plan = self._plan(task)
+        if not plan:
             raise RouterError(f"no provider is routed for task {task.name!r} at tier {task.tier}")
         context, prompt = task.context(payload), task.render(payload)
-        schema, _ = _schema(task.output)
         r = _Run(task=task, base={"run_id": run_id, "intent": intent, "task": task.name,
                                   "price_version": self.prices.version},
-                 system=task.system, context=context, prompt=prompt, schema=schema,
-                 input_estimate=estimate_tokens(task.system + context + prompt), intent=intent, run_id=run_id,
-                 intent_budget_usd=intent_budget_usd)
+                 system=task.system, context=context, prompt=prompt, schema=_schema(task.output)[0],
+                 input_estimate=estimate_tokens(task.system + context + prompt),
+                 intent=intent, run_id=run_id, intent_budget_usd=intent_budget_usd)
         r.scopes = self._scopes(intent, run_id, intent_budget_usd)
-        keys = {c: self.cache_key(task, c, context + "\n" + prompt) for c in candidates}
-        priced = any(self.prices.models[f"{c.provider}/{c.model}"].output > 0 for c in candidates)
-        hit = self._cached(r, candidates, keys, read_spend=priced)
+        text = (context + "\n" + prompt).encode()
+        keys = [route.key(text) for route in plan]
+        priced = any(route.price.output > 0 for route in plan)
+        hit = self._cached(r, plan, keys, read_spend=priced)
         if hit is not None:
             return hit
-        for cand in candidates:
+        for route, key in zip(plan, keys, strict=True):
+            cand = route.cand
             reason = self._skip_reason(cand)
             if reason:
                 r.skipped.append(f"{cand.provider}/{cand.model} skipped: {reason}")
                 continue
             try:
-                return self._run_candidate(r, payload, cand, keys[cand])
+                return self._run_candidate(r, payload, route, key)
             except _Skip as e:
                 r.skipped.append(f"{cand.provider}/{cand.model} skipped: {e}")
             except _FailOver as e:
@@ -420,9 +521,9 @@ class ModelRouter:
         raise RouterError(f"task {task.name!r} failed on every candidate: " + "; ".join(r.failures + r.skipped))
 
     # -- one candidate: retries, re-ask, ledger ------------------------------------------------
-    def _run_candidate(self, r: _Run, payload: BaseModel, cand: Candidate, key: str):
+    def _run_candidate(self, r: _Run, payload: BaseModel, route: _Route, key: str):
+        cand, price = route.cand, route.price
         provider = self.providers[cand.provider]
-        price = self.prices.models[f"{cand.provider}/{cand.model}"]
         ck = (cand.provider, cand.model)
         base = {**r.base, "provider": cand.provider, "model": cand.model}
         transient = 0
@@ -430,7 +531,7 @@ class ModelRouter:
             call = Call(task=r.task, payload=payload, model=cand.model, system=r.system, context=r.context,
                         prompt=r.prompt, max_tokens=r.task.max_tokens, output_schema=r.schema, feedback=r.feedback)
             input_estimate = r.input_estimate + (estimate_tokens(r.feedback) if r.feedback else 0)
-            estimate = price.cost(Usage(input_tokens=input_estimate, output_tokens=r.task.max_tokens))
+            estimate = price.worst_case(input_estimate, r.task.max_tokens)
             try:
                 # Checked before every attempt, retries and the re-ask included: spend may have grown since.
                 self._check_budgets(estimate, r.scopes, r.spent)
@@ -493,7 +594,7 @@ class ModelRouter:
                 continue
             # The provider's JSON is what gets cached (no re-dump); a hit is validated again when read.
             self._record(base, price, completion.usage, outcome="ok", latency_ms=_ms(started),
-                         cache=(key, CacheEntry(r.task.name, cand.provider, cand.model), completion.output))
+                         cache=(key, route.entry, completion.output))
             return out
 
     def _reask(self, r: _Run, cand: Candidate, message: str) -> None:
@@ -528,10 +629,31 @@ class ModelRouter:
             self._availability[cand.provider] = cached
         return None if cached[1] else f"unavailable ({cached[2]})"
 
-    def _cached(self, r: _Run, candidates: list[Candidate], keys: dict[Candidate, str], *, read_spend: bool):
+    def _cached(self, r: _Run, plan: tuple[_Route, ...], key_list: list[str], *, read_spend: bool):
         """The best candidate's cached answer, or None; reads the budgets' spend in the same round trip."""
         started = time.perf_counter()
-        key_list = list(keys.values())
+        if self._one_read and read_spend and r.scopes:  # SQLite: one statement for the lookup and the budgets
+            r.spent, stored = self._conn.run_raw(lambda cur: self._spend(self._raw_one(cur), r.scopes, key_list))
+            found = self.cache.decode_raw(key_list, stored)
+        else:
+            found = self._lookup(r, key_list, read_spend=read_spend)
+        if not found:
+            return None
+        for route, key in zip(plan, key_list, strict=True):
+            if key not in found:
+                continue
+            cand = route.cand
+            try:
+                out = r.task.output.model_validate(found[key])
+            except ValidationError:
+                continue  # an entry the current schema rejects is a miss, not an answer
+            self._write(self._ledger_row({**r.base, "provider": cand.provider, "model": cand.model}, None, Usage(),
+                                         outcome="ok", latency_ms=_ms(started), cache_hit=True))
+            return out
+        return None
+
+    def _lookup(self, r: _Run, key_list: list[str], *, read_spend: bool) -> dict[str, Any]:
+        """The cache lookup (and the budgets' spend on a miss) for every other pairing of database and cache."""
         found: dict[str, Any] = {}
         if not self._sql_cache:
             try:
@@ -552,17 +674,7 @@ class ModelRouter:
 
         if self._sql_cache or (read_spend and r.scopes and not found):
             found = self._conn.run_raw(read) if raw else self._conn.run(read)
-        for cand in candidates:
-            if keys[cand] not in found:
-                continue
-            try:
-                out = r.task.output.model_validate(found[keys[cand]])
-            except ValidationError:
-                continue  # an entry the current schema rejects is a miss, not an answer
-            self._write(self._ledger_row({**r.base, "provider": cand.provider, "model": cand.model}, None, Usage(),
-                                         outcome="ok", latency_ms=_ms(started), cache_hit=True))
-            return out
-        return None
+        return found
 
     # -- ledger and budgets ---------------------------------------------------------------------
     @staticmethod
@@ -586,12 +698,12 @@ class ModelRouter:
             if cache is not None and self._sql_cache and self.cache.raw:
                 entry = cache
                 try:
-                    self._conn.run_raw(lambda c: (insert(c), self.cache.put_raw(c, *entry)))
+                    self._conn.run_raw(lambda c: (insert(c), self.cache.put_raw(c, *entry, row["at"])), write=True)
                     return
                 except Exception as e:  # noqa: BLE001 - the answer is paid for: the ledger row must land alone
                     log.warning("LLM response cache %s: put failed: %s", self.cache.name, e)
                     cache = None
-            self._conn.run_raw(insert)
+            self._conn.run_raw(insert, write=True)
         else:
             if cache is not None and self._sql_cache:
                 try:
@@ -608,6 +720,15 @@ class ModelRouter:
                 log.warning("LLM response cache %s: put failed: %s", self.cache.name, e)
 
     def _scopes(self, intent: str | None, run_id: str | None, intent_budget_usd: float | None) -> _Scopes | None:
+        memo = (intent, run_id, intent_budget_usd, self.daily_budget_usd, self.run_budget_usd)
+        if memo in self._scope_memo:
+            return self._scope_memo[memo]
+        if len(self._scope_memo) > 256:
+            self._scope_memo.clear()
+        found = self._scope_memo[memo] = self._new_scopes(intent, run_id, intent_budget_usd)
+        return found
+
+    def _new_scopes(self, intent: str | None, run_id: str | None, intent_budget_usd: float | None) -> _Scopes | None:
         scopes: list[tuple[str, str, float]] = []  # kind, name, limit
         params: dict[str, Any] = {}
         if intent is not None and intent_budget_usd is not None:
@@ -624,11 +745,11 @@ class ModelRouter:
         kinds, names, limits = zip(*scopes, strict=True)
         return _Scopes(kinds, names, limits, params)
 
-    def _spend(self, conn: sa.Connection, scopes: _Scopes) -> tuple[float, ...]:
-        params = dict(scopes.params)
+    def _spend(self, conn: sa.Connection, scopes: _Scopes, lookups: tuple[str, ...] | list[str] = ()) -> Any:
+        params = scopes.params
         if "day" in params:
-            params["day"] = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-        return self._spend_totals.read(conn, scopes.kinds, params)
+            params = {**params, "day": _day_start()}
+        return self._spend_totals.read(conn, scopes.kinds, params, tuple(lookups))
 
     def _check_budgets(self, estimate: float, scopes: _Scopes | None, spent: tuple[float, ...] | None = None) -> None:
         if estimate <= 0 or scopes is None:
@@ -640,15 +761,6 @@ class ModelRouter:
             # A spent budget stops every priced call, however small.
             if used + estimate > limit or used >= limit:
                 raise BudgetExceeded(name, limit, used, estimate)
-
-    @staticmethod
-    def cache_key(task: Task, cand: Candidate, prompt: str) -> str:
-        """Exact match: provider, model, parameters, system + prompt, and the output schema (version and shape)."""
-        blob = json.dumps({"provider": cand.provider, "model": cand.model, "task": task.name,
-                           "schema": task.version, "schema_digest": _schema(task.output)[1],
-                           "max_tokens": task.max_tokens, "system": task.system, "prompt": prompt},
-                          sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def default_providers(mode: str) -> dict[str, Provider]:
@@ -665,6 +777,18 @@ def _usage_of(exc: BaseException, fallback: Usage | None = None) -> Usage:
     """Tokens a failed attempt consumed, when the provider reported them (never under-count)."""
     usage = getattr(exc, "usage", None)
     return usage if isinstance(usage, Usage) else (fallback or Usage())
+
+
+_DAY: tuple[int, datetime] = (-1, datetime.min.replace(tzinfo=UTC))
+
+
+def _day_start() -> datetime:
+    """Midnight UTC today, built once a day (a run may cross midnight: read at each check)."""
+    global _DAY
+    day = int(time.time() // 86400)
+    if day != _DAY[0]:
+        _DAY = (day, datetime.fromtimestamp(day * 86400, UTC))
+    return _DAY[1]
 
 
 def _ms(started: float) -> float:
