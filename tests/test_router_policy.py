@@ -6,6 +6,7 @@ import json
 import threading
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -623,3 +624,20 @@ def test_llm_check_lists_providers_routes_and_prices(monkeypatch, standin):
     assert report["prices"]["version"] == load_prices().version
     text = CliRunner().invoke(llm, ["check"])
     assert text.exit_code == 0 and "routing mode: offline" in text.output and "offline/deterministic" in text.output
+
+
+@pytest.mark.parametrize("value", [
+    datetime(2026, 11, 26, tzinfo=UTC), datetime(999, 1, 2, 3, 4, 5, 6),  # noqa: DTZ001 - naive on purpose
+    datetime(2026, 6, 1, 12, 0, 0, 999999, tzinfo=UTC),
+    datetime(2026, 1, 1, tzinfo=timezone(timedelta(hours=5))), None])
+def test_hot_path_statements_bind_datetimes_exactly_as_sqlalchemy(value):
+    """The SQLite hot path formats datetimes itself; what it writes must be what SQLAlchemy would write."""
+    import sqlalchemy as sa
+    from sqlalchemy.dialects import sqlite
+
+    from codemind_dagster.resources import tables as t
+    from codemind_dagster.resources.llm.cache import CompiledSql
+
+    dialect = sqlite.dialect()
+    q = CompiledSql(sa.select(t.llm_ledger.c.id).where(t.llm_ledger.c.at >= sa.bindparam("day")), dialect)
+    assert q.args({"day": value}) == [t.llm_ledger.c.at.type._cached_bind_processor(dialect)(value)]

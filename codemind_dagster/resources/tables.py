@@ -48,7 +48,7 @@ llm_ledger = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("at", TS, nullable=False, index=True),
     sa.Column("run_id", sa.String(64)),
-    sa.Column("intent", sa.String(64), index=True),
+    sa.Column("intent", sa.String(64)),  # looked up through ix_llm_ledger_report, which leads with it
     sa.Column("task", sa.String(64), nullable=False),
     sa.Column("provider", sa.String(32), nullable=False),
     sa.Column("model", sa.String(128), nullable=False),

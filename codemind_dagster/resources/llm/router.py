@@ -32,7 +32,7 @@ from codemind_dagster.resources.llm.errors import (
 )
 from codemind_dagster.resources.llm.prices import Price, PriceTable, load_prices
 from codemind_dagster.resources.llm.providers import Call, OfflineProvider, Provider
-from codemind_dagster.resources.llm.usage import Usage, estimate_tokens
+from codemind_dagster.resources.llm.usage import Usage, estimate_chars, estimate_tokens
 
 O = TypeVar("O", bound=BaseModel)
 log = logging.getLogger(__name__)
@@ -497,7 +497,7 @@ class ModelRouter:
         r = _Run(task=task, base={"run_id": run_id, "intent": intent, "task": task.name,
                                   "price_version": self.prices.version},
                  system=task.system, context=context, prompt=prompt, schema=_schema(task.output)[0],
-                 input_estimate=estimate_tokens(task.system + context + prompt),
+                 input_estimate=estimate_chars(len(task.system) + len(context) + len(prompt)),
                  intent=intent, run_id=run_id, intent_budget_usd=intent_budget_usd)
         r.scopes = self._scopes(intent, run_id, intent_budget_usd)
         text = (context + "\n" + prompt).encode()

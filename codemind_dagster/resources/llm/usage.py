@@ -16,4 +16,9 @@ class Usage:
 
 def estimate_tokens(text: str) -> int:
     """A conservative token estimate (about 4 characters a token) for budgets and offline usage."""
-    return max(1, (len(text) + 3) // 4)
+    return estimate_chars(len(text))
+
+
+def estimate_chars(n: int) -> int:
+    """`estimate_tokens` of a text of `n` characters."""
+    return max(1, (n + 3) // 4)
