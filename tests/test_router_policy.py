@@ -139,19 +139,22 @@ def test_cheapest_candidate_meeting_the_tier_goes_first(db):
 
 def test_a_replaced_route_list_or_price_table_takes_effect_on_the_next_call(db):
     """The per-task plan is built once, and rebuilt when the routes or the prices it was built from change."""
-    alpha, beta = Scripted("alpha", [OK]), Scripted("beta", [OK])
-    router = make_router(db, {"alpha": alpha, "beta": beta},
+    alpha, beta, gamma = Scripted("alpha", [OK]), Scripted("beta", [OK]), Scripted("gamma", [OK])
+    router = make_router(db, {"alpha": alpha, "beta": beta, "gamma": gamma},
                          routes={"planning": [Candidate("alpha", "a1", 1), Candidate("beta", "b1", 1)]})
     router.run(TASK, ask("one"))
     router.routes["planning"] = [Candidate("beta", "b1", 1)]
     router.run(TASK, ask("two"))
     router.routes["planning"].append(Candidate("alpha", "a1", 1))
     router.run(TASK, ask("three"))
+    router.routes["planning"][1] = Candidate("gamma", "g1", 1)  # edited in place: beta, gamma
+    router.run(TASK, ask("three-b"))
     router.prices = PriceTable(version="test2", models={**PRICES.models, "alpha/a1": Price(9.0, 9.0, 9.0, 99.0)})
     router.run(TASK, ask("four"))
     calls = [(r.provider, r.price_version, float(r.cost_usd)) for r in db.llm_calls()]
-    assert [c[:2] for c in calls] == [("alpha", "test"), ("beta", "test"), ("alpha", "test"), ("beta", "test2")]
-    assert calls[3][2] == pytest.approx(PRICES.models["beta/b1"].cost(USAGE))
+    assert [c[:2] for c in calls] == [("alpha", "test"), ("beta", "test"), ("alpha", "test"), ("beta", "test"),
+                                      ("beta", "test2")]
+    assert calls[4][2] == pytest.approx(PRICES.models["beta/b1"].cost(USAGE))
 
 
 def test_default_routes_put_the_cheapest_qualified_model_first(db):
@@ -641,3 +644,35 @@ def test_hot_path_statements_bind_datetimes_exactly_as_sqlalchemy(value):
     dialect = sqlite.dialect()
     q = CompiledSql(sa.select(t.llm_ledger.c.id).where(t.llm_ledger.c.at >= sa.bindparam("day")), dialect)
     assert q.args({"day": value}) == [t.llm_ledger.c.at.type._cached_bind_processor(dialect)(value)]
+
+
+def test_cache_keys_are_stable_across_versions_and_exact(db):
+    """A key is sha256 of the sorted JSON of the request, so entries written by earlier versions keep hitting."""
+    import hashlib
+
+    from codemind_dagster.resources.llm.router import _schema
+
+    router = make_router(db, {"alpha": Scripted("alpha", [OK])})
+    [route] = router._plan(TASK)
+    prompt = "<ctx/>\nhello \udc80 \u00e9"
+    blob = json.dumps({"provider": "alpha", "model": "a1", "task": "planning", "schema": "answer/1",
+                       "schema_digest": _schema(Answer)[1], "max_tokens": 1000, "system": "You answer.",
+                       "prompt": prompt}, sort_keys=True)
+    assert route.key(prompt) == hashlib.sha256(blob.encode()).hexdigest()
+    changed = [Task(**{**TASK.__dict__, field: value}) for field, value in
+               (("system", "You answer briefly."), ("max_tokens", 999), ("version", "answer/2"))]
+    keys = {route.key(prompt), route.key(prompt + " "), *(make_router(db, {"alpha": Scripted("alpha", [OK])})
+                                                         ._plan(task)[0].key(prompt) for task in changed)}
+    assert len(keys) == 5
+
+
+def test_a_cache_hit_with_budgets_is_one_statement_and_free(db):
+    """With budgets on, the lookup rides in the budget read; a hit costs nothing and moves no budget."""
+    alpha = Scripted("alpha", [OK])
+    router = make_router(db, {"alpha": alpha}, cache=SqlResponseCache(db), daily_budget_usd=5.0, run_budget_usd=1.0)
+    first = router.run(TASK, ask("same"), intent="shop", run_id="run-1", intent_budget_usd=2.0)
+    again = make_router(db, {"alpha": alpha}, cache=SqlResponseCache(db), daily_budget_usd=5.0,
+                        run_budget_usd=1.0).run(TASK, ask("same"), intent="shop", run_id="run-2", intent_budget_usd=2.0)
+    assert first == again == Answer(**OK) and len(alpha.calls) == 1
+    assert rows(db) == [("alpha", "ok", False), ("alpha", "ok", True)]
+    assert float(db.llm_calls()[1].cost_usd) == 0

@@ -512,6 +512,26 @@ def test_proxy_imports_only_the_standard_library() -> None:
     }
 
 
+def test_a_down_environment_keeps_its_port_and_other_listen_errors_are_not_a_full_range(
+        tmp_path: Path, bundle) -> None:
+    low = free_block(2)
+    runtime = LocalRuntime(tmp_path / "runtime", health_timeout_s=30, stop_grace_s=3, public_ports=(low, low + 1))
+    try:
+        dev = runtime.deploy(service="shop", environment="dev", artifact="v1", bundle_dir=bundle("v1"))
+        os.kill(runtime.status("shop", "dev").proxy_pid, signal.SIGKILL)
+        staging = runtime.deploy(service="shop", environment="staging", artifact="v1", bundle_dir=bundle("v1-s"))
+        assert {dev.url, staging.url} == {f"http://127.0.0.1:{low}", f"http://127.0.0.1:{low + 1}"}
+        with pytest.raises(DeployError, match="every public port"):
+            runtime.deploy(service="shop", environment="production", artifact="v1", bundle_dir=bundle("v1-p"))
+    finally:
+        runtime.stop_all()
+        assert ours(runtime.root) == []
+    elsewhere = LocalRuntime(tmp_path / "elsewhere", host="10.255.255.1", public_ports=(low, low + 1))
+    with pytest.raises(DeployError, match=r"cannot listen on 10\.255\.255\.1:\d+: .*(assign|Cannot)"):
+        elsewhere.deploy(service="shop", environment="dev", artifact="v1", bundle_dir=bundle("v1-e"))
+    assert ours(elsewhere.root) == []
+
+
 @pytest.mark.parametrize("text", ["abc", "20000", "30000-20000", "80-90", "20000-70000"])
 def test_a_bad_public_port_range_is_a_clear_settings_error(text: str) -> None:
     from pydantic import ValidationError

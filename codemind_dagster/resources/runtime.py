@@ -279,9 +279,17 @@ class LocalRuntime:
         lo, hi = self.public_ports
         span = hi - lo + 1
         start = secrets.randbelow(span)
+        # Another environment's port stays its own while its proxy is down.
+        recorded = {st.get("port") for st in (_load_state(_Paths(d)) for d in self._env_dirs()) if st}
         for i in range(span):
-            with contextlib.suppress(OSError):
-                return _listen(self.host, lo + (start + i) % span)
+            port = lo + (start + i) % span
+            if port in recorded:
+                continue
+            try:
+                return _listen(self.host, port)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise DeployError(f"{name}: cannot listen on {self.host}:{port}: {exc}") from exc
         raise DeployError(f"{name}: every public port in {lo}-{hi} is taken; widen CODEMIND_PUBLIC_PORTS")
 
     def _recover(self, paths: _Paths, state: dict, artifact: str) -> dict | None:

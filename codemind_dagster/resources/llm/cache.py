@@ -48,8 +48,8 @@ class CompiledSql:
         self.sql = compiled.string
         names = tuple(compiled.positiontup or ())
         self._plan = tuple((n, _fast(compiled.binds[n].type._cached_bind_processor(dialect))) for n in names)
-        # Values bound at compile time (a literal in the statement) unless the call passes its own.
-        self._literals = {n: compiled.binds[n].value for n in names if compiled.binds[n].value is not None}
+        # Values fixed at compile time (a literal in the statement); every other bind must come with the call.
+        self._literals = {n: b.value for n in names if not (b := compiled.binds[n]).required and b.value is not None}
 
     def args(self, params: dict[str, Any]) -> list:
         v = {**self._literals, **params} if self._literals else params

@@ -27,8 +27,8 @@ class Price:
                 + (usage.output_tokens + usage.reasoning_tokens) * self.output) / 1_000_000
 
     def worst_case(self, input_tokens: int, max_tokens: int) -> float:
-        """USD for `input_tokens` uncached and `max_tokens` of output: the most a call can cost."""
-        return (input_tokens * self.input + max_tokens * self.output) / 1_000_000
+        """The most a call can cost: every input token at the dearer of input and cache write, plus `max_tokens`."""
+        return (input_tokens * max(self.input, self.cache_write) + max_tokens * self.output) / 1_000_000
 
     def cache_savings(self, usage: Usage) -> float:
         """What prompt-cache reads saved against paying the full input price for them."""

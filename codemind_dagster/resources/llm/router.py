@@ -107,20 +107,25 @@ def _schema(output: type[BaseModel]) -> tuple[dict[str, Any], str]:
 
 @cache
 def _key_prefix(provider: str, model: str, task: str, version: str, digest: str, max_tokens: int,
-                system: str) -> Any:
-    """The response-cache key's hash over everything but the prompt, once per task and candidate.
+                system: str) -> tuple[Any, bytes]:
+    """The response-cache key's hash up to the prompt, and the text after it, once per task and candidate.
 
-    A key is an exact match: provider, model, parameters, system prompt, output schema (version and shape)
-    and the prompt. The JSON header cannot contain a raw newline, so header + newline + prompt is unambiguous.
+    A key is an exact match: sha256 of the sorted JSON of provider, model, task, schema version and digest,
+    max_tokens, system prompt and prompt. Split around the prompt so a call hashes only its prompt.
     """
-    header = json.dumps({"provider": provider, "model": model, "task": task, "schema": version,
-                         "schema_digest": digest, "max_tokens": max_tokens, "system": system}, sort_keys=True)
-    return hashlib.sha256(header.encode() + b"\n")
+    fields = {"provider": provider, "model": model, "task": task, "schema": version, "schema_digest": digest,
+              "max_tokens": max_tokens, "system": system}
+    items = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(fields.items())]
+    before = [i for k, i in zip(sorted(fields), items, strict=True) if k < "prompt"]
+    after = [i for k, i in zip(sorted(fields), items, strict=True) if k > "prompt"]
+    head = "{" + "".join(f"{i}, " for i in before) + '"prompt": '
+    return hashlib.sha256(head.encode()), ("".join(f", {i}" for i in after) + "}").encode()
 
 
-def _hash_key(prefix: Any, prompt: bytes) -> str:
-    h = prefix.copy()
-    h.update(prompt)
+def _hash_key(prefix: tuple[Any, bytes], prompt: str) -> str:
+    h = prefix[0].copy()
+    h.update(json.dumps(prompt).encode())
+    h.update(prefix[1])
     return h.hexdigest()
 
 
@@ -167,6 +172,7 @@ class Cooldowns:
 COOLDOWNS = Cooldowns()
 
 
+_UNSET = object()
 _FORKS = [0]  # bumped in a forked child: a connection opened before the fork belongs to the parent
 if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork to detect
     os.register_at_fork(after_in_child=lambda: _FORKS.__setitem__(0, _FORKS[0] + 1))
@@ -236,9 +242,10 @@ class HeldConnection:
         on every call; a read is one statement, one snapshot.
         """
         raw = self._raw()
-        level, raw.isolation_level = raw.isolation_level, None
+        level = raw.isolation_level
         cur = raw.cursor()
         try:
+            raw.isolation_level = None
             if write:
                 cur.execute("BEGIN")
             result = work(cur)
@@ -373,10 +380,11 @@ class _Route:
 
     cand: Candidate
     price: Price
-    key_prefix: Any  # a sha256 over everything but the prompt
+    key_prefix: tuple[Any, bytes]  # the cache key's hash up to the prompt, and the text after it
     entry: CacheEntry
+    price_key: str
 
-    def key(self, prompt: bytes) -> str:
+    def key(self, prompt: str) -> str:
         return _hash_key(self.key_prefix, prompt)
 
 
@@ -432,7 +440,7 @@ class ModelRouter:
         if self.cache is None:
             self.cache = SqlResponseCache(self.db)
         self._availability: dict[str, tuple[float, bool, str]] = {}
-        self._plans: dict[tuple, tuple[Any, int, PriceTable, tuple[_Route, ...]]] = {}
+        self._plans: dict[tuple, tuple[tuple[Candidate, ...], tuple[_Route, ...]]] = {}
         self._scope_memo: dict[tuple, _Scopes | None] = {}
         self._conn = HeldConnection(self.db)
         self._spend_totals = SpendTotals(incremental=self.db.engine.dialect.name == "sqlite")
@@ -469,23 +477,22 @@ class ModelRouter:
         return sorted(eligible, key=lambda c: blended_price(self.prices.models[f"{c.provider}/{c.model}"]))
 
     def _plan(self, task: Task) -> tuple[_Route, ...]:
-        """The task's candidates in order with their prices and cache-key prefixes, built once per task.
-
-        Rebuilt when the task's route list or the price table is replaced (or the list changes length).
-        """
+        """The task's candidates in order with their prices and cache-key prefixes; rebuilt when routes or prices change."""
         sig = (task.name, task.tier, task.version, task.max_tokens, task.system, task.output)
-        listed = self.routes.get(task.name)
+        listed = tuple(self.routes.get(task.name) or ())
         known = self._plans.get(sig)
-        if known is not None and known[0] is listed and known[1] == len(listed or ()) and known[2] is self.prices:
-            return known[3]
+        models = self.prices.models
+        if known is not None and known[0] == listed and all(models.get(r.price_key) is r.price for r in known[1]):
+            return known[1]
         digest = _schema(task.output)[1]
-        plan = tuple(_Route(c, self.prices.models[f"{c.provider}/{c.model}"],
+        plan = tuple(_Route(c, models[f"{c.provider}/{c.model}"],
                             _key_prefix(c.provider, c.model, task.name, task.version, digest, task.max_tokens,
-                                        task.system), CacheEntry(task.name, c.provider, c.model))
+                                        task.system), CacheEntry(task.name, c.provider, c.model),
+                            f"{c.provider}/{c.model}")
                      for c in self.candidates(task))
         if len(self._plans) > 256:
             self._plans.clear()
-        self._plans[sig] = (listed, len(listed or ()), self.prices, plan)
+        self._plans[sig] = (listed, plan)
         return plan
 
     def run(self, task: Task, payload: BaseModel, *, intent: str | None = None, run_id: str | None = None,
@@ -500,7 +507,7 @@ class ModelRouter:
                  input_estimate=estimate_chars(len(task.system) + len(context) + len(prompt)),
                  intent=intent, run_id=run_id, intent_budget_usd=intent_budget_usd)
         r.scopes = self._scopes(intent, run_id, intent_budget_usd)
-        text = (context + "\n" + prompt).encode()
+        text = context + "\n" + prompt
         keys = [route.key(text) for route in plan]
         priced = any(route.price.output > 0 for route in plan)
         hit = self._cached(r, plan, keys, read_spend=priced)
@@ -721,8 +728,9 @@ class ModelRouter:
 
     def _scopes(self, intent: str | None, run_id: str | None, intent_budget_usd: float | None) -> _Scopes | None:
         memo = (intent, run_id, intent_budget_usd, self.daily_budget_usd, self.run_budget_usd)
-        if memo in self._scope_memo:
-            return self._scope_memo[memo]
+        found = self._scope_memo.get(memo, _UNSET)
+        if found is not _UNSET:
+            return found
         if len(self._scope_memo) > 256:
             self._scope_memo.clear()
         found = self._scope_memo[memo] = self._new_scopes(intent, run_id, intent_budget_usd)
