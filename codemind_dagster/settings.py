@@ -9,6 +9,17 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+# Where environments' stable URLs live: below the kernel's ephemeral range (32768-60999 by default), so no
+# outgoing connection can be handed an environment's port while its proxy restarts.
+PUBLIC_PORTS = (20000, 29999)
+
+
+def check_port_range(lo: int, hi: int) -> tuple[int, int]:
+    """(lo, hi) when it is an inclusive range within 1024-65535, low end first; else ValueError."""
+    if not 1024 <= lo <= hi <= 65535:
+        raise ValueError(f"public ports {lo}-{hi}: expected a range within 1024-65535, low end first")
+    return lo, hi
+
 
 class Settings(BaseModel):
     """Everything configurable; `Settings.from_env()` is the only reader of CODEMIND_* variables."""
@@ -29,8 +40,7 @@ class Settings(BaseModel):
     llm_routing: Literal["offline", "providers"] = "offline"
     llm_routes: str | None = None  # JSON routing table overriding the mode's defaults
     repair_rounds: int = Field(default=3, ge=0, le=10)
-    # Where environments' stable URLs live: below the kernel's ephemeral range (see runtime.PUBLIC_PORTS).
-    public_ports: tuple[int, int] = (20000, 29999)
+    public_ports: tuple[int, int] = PUBLIC_PORTS
 
     @field_validator("public_ports", mode="before")
     @classmethod
@@ -46,9 +56,7 @@ class Settings(BaseModel):
     @field_validator("public_ports")
     @classmethod
     def _ports_in_range(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if not 1024 <= v[0] <= v[1] <= 65535:
-            raise ValueError(f"{v[0]}-{v[1]}: expected a range within 1024-65535, low end first")
-        return v
+        return check_port_range(*v)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:

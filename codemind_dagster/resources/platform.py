@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import dagster as dg
 
 from codemind_dagster.resources.database import PlatformDB
+from codemind_dagster.settings import PUBLIC_PORTS
 
 if TYPE_CHECKING:
     from codemind_dagster.resources.artifacts import LocalArtifactStore
@@ -139,9 +140,9 @@ class RuntimeResource(dg.ConfigurableResource):
 
     root: str
     health_timeout_s: float
-    # Inclusive range of the environments' stable ports: see runtime.PUBLIC_PORTS.
-    public_port_low: int = 20000
-    public_port_high: int = 29999
+    # Inclusive range of the environments' stable ports: see settings.PUBLIC_PORTS.
+    public_port_low: int = PUBLIC_PORTS[0]
+    public_port_high: int = PUBLIC_PORTS[1]
 
     def runtime(self) -> LocalRuntime:
         from codemind_dagster.resources.runtime import LocalRuntime

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import psutil
 
+from codemind_dagster.settings import PUBLIC_PORTS, check_port_range
+
 # Launched by path with -I so the proxy imports neither this package nor site customisations.
 PROXY_SCRIPT = Path(__file__).with_name("proxy.py")
 
@@ -105,9 +107,6 @@ class _Paths:
         return self.dir / "releases"
 
 
-# Stable URLs come from below the kernel's ephemeral range (32768-60999 by default): a port the kernel may
-# hand to any outgoing connection could be taken while a proxy restarts, and the environment's URL lost.
-PUBLIC_PORTS = (20000, 29999)
 # How long a published port may stay busy before it counts as taken: a killed process's threads may still be
 # exiting, and its sockets stay open until the last one has.
 REBIND_GRACE_S = 5.0
@@ -138,10 +137,7 @@ class LocalRuntime:
         public_ports: tuple[int, int] = PUBLIC_PORTS,
         rebind_grace_s: float = REBIND_GRACE_S,
     ) -> None:
-        lo, hi = public_ports
-        if not 1024 <= lo <= hi <= 65535:
-            raise ValueError(f"public ports {lo}-{hi}: expected a range within 1024-65535, low end first")
-        self.public_ports = (lo, hi)
+        self.public_ports = check_port_range(*public_ports)
         self.rebind_grace_s = rebind_grace_s
         self.root = Path(root).resolve()
         self.host = host

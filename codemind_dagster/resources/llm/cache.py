@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any, Protocol
 
 import sqlalchemy as sa
@@ -59,6 +60,16 @@ class CompiledSql:
         return cursor.execute(self.sql, self.args(params))
 
 
+@cache
+def _key_names(n: int) -> tuple[str, ...]:
+    return tuple(f"k{i}" for i in range(n))
+
+
+def key_binds(keys: Sequence[str]) -> dict[str, str]:
+    """The bind parameters :k0, :k1 ... that cache lookups by key use."""
+    return dict(zip(_key_names(len(keys)), keys, strict=True))
+
+
 _PROBE = datetime(2001, 2, 3, 4, 5, 6, 7, tzinfo=UTC)
 
 
@@ -104,38 +115,30 @@ class SqlResponseCache:
         # A conflict means another run cached the same answer first: keeping either is correct.
         self._insert = insert(t.llm_cache).on_conflict_do_nothing(index_elements=["key"]) if insert else None
         # The SQLite hot path (the router's held connection): statements compiled once, run on the DBAPI cursor.
-        self.raw = dialect == "sqlite" and self._insert is not None
         self._raw_gets: dict[int, CompiledSql] = {}
         self._raw_put: CompiledSql | None = None
-        self._raw_response = None
+        self._response = t.llm_cache.c.response.type._cached_result_processor(db.engine.dialect, None)
 
     def _raw_get(self, n: int) -> CompiledSql:
         q = self._raw_gets.get(n)
         if q is None:
             d = self.db.engine.dialect
             key = t.llm_cache.c.key
+            names = _key_names(n)
             q = CompiledSql(sa.select(key, t.llm_cache.c.response).where(
-                key.in_([sa.bindparam(f"k{i}") for i in range(n)]) if n > 1 else key == sa.bindparam("k0")), d)
+                key.in_([sa.bindparam(k) for k in names]) if n > 1 else key == sa.bindparam(names[0])), d)
             if len(self._raw_gets) < 64:
                 self._raw_gets[n] = q
-            if self._raw_response is None:
-                self._raw_response = t.llm_cache.c.response.type._cached_result_processor(d, None)
         return q
 
     def get_many_raw(self, cursor: Any, keys: Sequence[str]) -> dict[str, Any]:
         """`get_many` on a DBAPI cursor of a SQLite connection, inside the caller's transaction."""
-        q = self._raw_get(len(keys))
-        rows = q.execute(cursor, {f"k{i}": k for i, k in enumerate(keys)}).fetchall()
-        proc = self._raw_response
-        return {k: (proc(v) if proc is not None else v) for k, v in rows}
+        rows = self._raw_get(len(keys)).execute(cursor, key_binds(keys)).fetchall()
+        return self.decode_raw([k for k, _ in rows], [v for _, v in rows])
 
     def decode_raw(self, keys: Sequence[str], stored: Sequence[Any]) -> dict[str, Any]:
         """The hits among `keys`, from raw `response` values read alongside (None: a miss)."""
-        if not any(v is not None for v in stored):
-            return {}
-        if self._raw_response is None:
-            self._raw_response = t.llm_cache.c.response.type._cached_result_processor(self.db.engine.dialect, None)
-        proc = self._raw_response
+        proc = self._response
         return {k: (proc(v) if proc is not None else v) for k, v in zip(keys, stored, strict=True) if v is not None}
 
     def put_raw(self, cursor: Any, key: str, entry: CacheEntry, response: Any, at: Any = None) -> None:

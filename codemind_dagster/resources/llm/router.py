@@ -22,7 +22,13 @@ from pydantic import BaseModel, ValidationError
 from codemind_dagster.agents.task import Task
 from codemind_dagster.resources import tables as t
 from codemind_dagster.resources.database import PlatformDB, now
-from codemind_dagster.resources.llm.cache import CacheEntry, CompiledSql, ResponseCache, SqlResponseCache
+from codemind_dagster.resources.llm.cache import (
+    CacheEntry,
+    CompiledSql,
+    ResponseCache,
+    SqlResponseCache,
+    key_binds,
+)
 from codemind_dagster.resources.llm.errors import (
     FatalError,
     OutputError,
@@ -278,11 +284,6 @@ _SPEND_CONDITIONS = {
 
 
 @cache
-def _lookup_names(n: int) -> tuple[str, ...]:
-    return tuple(f"k{i}" for i in range(n))
-
-
-@cache
 def _spend_query(scopes: tuple[str, ...], since_id: bool = False, lookups: int = 0) -> sa.Select:
     """Spend of each scope and the ledger's newest id, in one statement (one round trip, one snapshot).
 
@@ -295,8 +296,8 @@ def _spend_query(scopes: tuple[str, ...], since_id: bool = False, lookups: int =
     where = sa.or_(*conds)
     if since_id:
         where = sa.and_(led.id > sa.bindparam("last_id"), where)
-    cached = (sa.select(t.llm_cache.c.response).where(t.llm_cache.c.key == sa.bindparam(f"k{i}"))
-              .scalar_subquery() for i in range(lookups))
+    cached = (sa.select(t.llm_cache.c.response).where(t.llm_cache.c.key == sa.bindparam(k)).scalar_subquery()
+              for k in key_binds(["?"] * lookups))
     zero = sa.literal_column("0")  # inline: a bound 0 per scope would cost a bind on every check
     return sa.select(newest, *(sa.func.coalesce(sa.func.sum(sa.case((c, led.cost_usd), else_=zero)), zero)
                                for c in conds), *cached).where(where)
@@ -326,7 +327,7 @@ class SpendTotals:
             conn = fetch
             fetch = lambda q, p: conn.execute(q, p).one()
         n, m = len(kinds), len(lookups)
-        binds = {**params, **dict(zip(_lookup_names(m), lookups, strict=True))} if m else params
+        binds = {**params, **key_binds(lookups)} if m else params
         if self.incremental:
             totals, row = self._advance(fetch, kinds, params, binds, m)
         else:
@@ -450,7 +451,7 @@ class ModelRouter:
         # SQLite: the hot-path statements are compiled once and run on the DBAPI cursor of the held connection.
         self._raw = self.db.engine.dialect.name == "sqlite"
         self._raw_sql: dict[Any, CompiledSql] = {}
-        self._one_read = self._raw and self._sql_cache and self.cache.raw
+        self._one_read = self._raw and self._sql_cache
 
     def _compiled(self, stmt: Any, column_keys: tuple[str, ...] | None = None) -> CompiledSql:
         q = self._raw_sql.get((stmt, column_keys))
@@ -668,19 +669,18 @@ class ModelRouter:
             except Exception as e:  # noqa: BLE001 - a cache outage degrades to provider calls
                 log.warning("LLM response cache %s: get failed: %s", self.cache.name, e)
 
-        raw = self._raw and (not self._sql_cache or self.cache.raw)
-
         def read(conn: Any) -> dict[str, Any]:
             if self._sql_cache:
-                hits = self.cache.get_many_raw(conn, key_list) if raw else self.cache.get_many(key_list, conn=conn)
+                hits = (self.cache.get_many_raw(conn, key_list) if self._raw
+                        else self.cache.get_many(key_list, conn=conn))
             else:
                 hits = found
             if read_spend and r.scopes and not hits:
-                r.spent = self._spend(self._raw_one(conn) if raw else conn, r.scopes)
+                r.spent = self._spend(self._raw_one(conn) if self._raw else conn, r.scopes)
             return hits
 
         if self._sql_cache or (read_spend and r.scopes and not found):
-            found = self._conn.run_raw(read) if raw else self._conn.run(read)
+            found = self._conn.run_raw(read) if self._raw else self._conn.run(read)
         return found
 
     # -- ledger and budgets ---------------------------------------------------------------------
@@ -701,25 +701,22 @@ class ModelRouter:
         """One ledger row, committed before the answer is returned; a SQL cache entry rides in the same commit."""
         if self._raw:  # SQLite: statements compiled once, on the DBAPI cursor of the held connection
             ledger = self._compiled(_LEDGER_INSERT, tuple(row))
+            run = lambda work: self._conn.run_raw(work, write=True)
             insert = lambda c: ledger.execute(c, row)
-            if cache is not None and self._sql_cache and self.cache.raw:
-                entry = cache
-                try:
-                    self._conn.run_raw(lambda c: (insert(c), self.cache.put_raw(c, *entry, row["at"])), write=True)
-                    return
-                except Exception as e:  # noqa: BLE001 - the answer is paid for: the ledger row must land alone
-                    log.warning("LLM response cache %s: put failed: %s", self.cache.name, e)
-                    cache = None
-            self._conn.run_raw(insert, write=True)
+            put = lambda c, entry: self.cache.put_raw(c, *entry, row["at"])
         else:
-            if cache is not None and self._sql_cache:
-                try:
-                    self._conn.run(lambda c: (c.execute(_LEDGER_INSERT, row), self.cache.put(*cache, conn=c)))
-                    return
-                except Exception as e:  # noqa: BLE001 - the answer is paid for: the ledger row must land alone
-                    log.warning("LLM response cache %s: put failed: %s", self.cache.name, e)
-                    cache = None
-            self._conn.run(lambda c: c.execute(_LEDGER_INSERT, row))
+            run = self._conn.run
+            insert = lambda c: c.execute(_LEDGER_INSERT, row)
+            put = lambda c, entry: self.cache.put(*entry, conn=c)
+        if cache is not None and self._sql_cache:
+            entry = cache
+            try:
+                run(lambda c: (insert(c), put(c, entry)))
+                return
+            except Exception as e:  # noqa: BLE001 - the answer is paid for: the ledger row must land alone
+                log.warning("LLM response cache %s: put failed: %s", self.cache.name, e)
+                cache = None
+        run(insert)
         if cache is not None:
             try:
                 self.cache.put(*cache)
