@@ -65,6 +65,10 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
 
 
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
 def start_standin() -> tuple[subprocess.Popen, str]:
     # Its own process: the server's threads must not compete for our GIL while we time the client.
     proc = subprocess.Popen([sys.executable, "-c", STANDIN, str(REPO / "tests" / "llm_standin.py")],
@@ -162,18 +166,27 @@ def main() -> None:
             task.output.model_validate(msg.content[0].input)
             return (time.perf_counter() - t0) * 1000
 
+        def sdk_raw_call(i: int) -> float:
+            inp = Ask(text=f"Echo {uuid.uuid4().hex}")
+            # The SDK as the router's provider uses it: the raw body, no response models built.
+            t0 = time.perf_counter()
+            req = messages_request(Call(task=task, payload=inp, model=MODEL, system=task.system, context=context,
+                                        prompt=inp.text, max_tokens=task.max_tokens, output_schema=schema))
+            body = json.loads(client.messages.with_raw_response.create(**req).http_response.content)
+            task.output.model_validate(next(b for b in body["content"] if b["type"] == "tool_use")["input"])
+            return (time.perf_counter() - t0) * 1000
+
+        paths = [sdk_call, sdk_raw_call, router_call]
         for i in range(WARMUP):
-            sdk_call(i)
-            router_call(i)
-        sdk, routed = [], []
+            for path in paths:
+                path(i)
+        timed: dict = {path: [] for path in paths}
         for i in range(n):
-            # Interleaved, alternating who goes first: drift in the machine hits both sides alike.
-            if i % 2:
-                sdk.append(sdk_call(i))
-                routed.append(router_call(i))
-            else:
-                routed.append(router_call(i))
-                sdk.append(sdk_call(i))
+            # Interleaved, rotating who goes first: drift in the machine hits every path alike.
+            for k in range(len(paths)):
+                path = paths[(i + k) % len(paths)]
+                timed[path].append(path(i))
+        sdk, sdk_raw, routed = timed[sdk_call], timed[sdk_raw_call], timed[router_call]
 
         hit_payload = Ask(text="the same request every time")
         router.run(task, hit_payload, intent="bench", run_id=run_id, intent_budget_usd=100.0)
@@ -193,18 +206,25 @@ def main() -> None:
             f.unlink()
         tmp.rmdir()
 
-    rows = [("direct SDK (anthropic.messages.create)", sdk), ("CodeMind router (cache miss, budgets on)", routed),
+    rows = [("direct SDK (anthropic.messages.create)", sdk),
+            ("direct SDK, raw body (the router's provider)", sdk_raw),
+            ("CodeMind router (cache miss, budgets on)", routed),
             ("LiteLLM Router (anthropic/, api_base)", litellm), ("CodeMind router (cache hit)", hits)]
     sdk50 = pct(sdk, 50)
     print(f"{n} calls each against one stand-in at {url} (model {MODEL}); latencies in ms")
-    print(f"{'path':<44} {'p50':>8} {'p95':>8} {'p50/SDK':>8} {'p95/SDK':>8}")
+    print(f"{'path':<44} {'p50':>8} {'p95':>8} {'mean':>8} {'p50/SDK':>8} {'p95/SDK':>8} {'mean/SDK':>8}")
     for name, values in rows:
-        p50, p95 = pct(values, 50), pct(values, 95)
-        print(f"{name:<44} {p50:>8.3f} {p95:>8.3f} {p50 / sdk50:>8.2f} {p95 / pct(sdk, 95):>8.2f}")
+        p50, p95, avg = pct(values, 50), pct(values, 95), mean(values)
+        print(f"{name:<44} {p50:>8.3f} {p95:>8.3f} {avg:>8.3f} {p50 / sdk50:>8.2f} {p95 / pct(sdk, 95):>8.2f} "
+              f"{avg / mean(sdk):>8.2f}")
     if why:
         print(f"note: {why}")
     print(f"router overhead at p50: {pct(routed, 50) - sdk50:+.3f} ms ({(pct(routed, 50) / sdk50 - 1) * 100:+.1f}%)"
+          f"; at the mean: {mean(routed) - mean(sdk):+.3f} ms ({(mean(routed) / mean(sdk) - 1) * 100:+.1f}%)"
           f"; ledger rows written: {len(ledger)}")
+    raw50 = pct(sdk_raw, 50)
+    print(f"what the router adds to the same SDK path (raw body): {pct(routed, 50) - raw50:+.3f} ms "
+          f"({(pct(routed, 50) / raw50 - 1) * 100:+.1f}%) at p50")
     print(f"RESULT router_p50_ms={pct(routed, 50):.3f} sdk_p50_ms={sdk50:.3f} "
           f"litellm_p50_ms={pct(litellm, 50):.3f} cache_hit_p50_ms={pct(hits, 50):.3f}")
 

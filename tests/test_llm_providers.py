@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -257,6 +258,51 @@ def test_a_body_that_is_not_json_is_an_output_error(standin, plan_call, family):
     with pytest.raises(OutputError) as info:
         providers_for(standin)[family].complete(plan_call(family))
     assert info.value.raw == "<html>502 from a proxy</html>"
+
+
+_TOOL = {"type": "tool_use", "id": "t", "name": "submit_planning", "input": {"intent": "x"}}
+_USAGE = {"input_tokens": 12, "output_tokens": 34}
+
+
+@pytest.mark.parametrize("family", ANTHROPIC_FAMILY)
+@pytest.mark.parametrize(("body", "says", "billed"), [
+    ([_TOOL], "not a JSON object", False),
+    ({"type": "message", "usage": _USAGE}, "unexpected response shape: no content", True),
+    ({"content": {"type": "tool_use"}, "usage": _USAGE}, "unexpected response shape: content is not a list", True),
+    ({"content": [{"type": "tool_use", "id": "t"}], "usage": _USAGE}, "the tool_use block has no input", True),
+    ({"content": [_TOOL], "usage": {"input_tokens": "many"}}, "unexpected response shape: usage", False),
+    ({"content": [_TOOL], "usage": [1, 2]}, "unexpected response shape: usage", False),
+    ({"content": [{"type": "tool_use", "input": ["a"]}], "usage": _USAGE}, "not a JSON object", True),
+])
+def test_a_response_of_the_wrong_shape_is_an_output_error(standin, plan_call, family, body, says, billed):
+    """The answer is read from the raw body: any shape but a Messages response fails clearly, usage kept."""
+    standin.respond(body)
+    with pytest.raises(OutputError, match=re.escape(says)) as info:
+        providers_for(standin)[family].complete(plan_call(family))
+    assert info.value.raw
+    usage = getattr(info.value, "usage", None)
+    assert (usage.input_tokens, usage.output_tokens) == (12, 34) if billed else usage is None
+
+
+_CHAT_USAGE = {"prompt_tokens": 12, "completion_tokens": 34}
+
+
+@pytest.mark.parametrize("family", OPENAI_FAMILY)
+@pytest.mark.parametrize(("body", "says", "billed"), [
+    (["choices"], "not a JSON object", False),
+    ({"choices": [], "usage": _CHAT_USAGE}, "the response has no choices", True),
+    ({"choices": [{"message": "hi"}], "usage": _CHAT_USAGE}, "no message in the first choice", True),
+    ({"choices": {"0": {}}, "usage": _CHAT_USAGE}, "no message in the first choice", True),
+    ({"choices": [{"message": {"content": ["a"]}}], "usage": _CHAT_USAGE}, "the message content is not text", True),
+    ({"choices": [{"message": {"content": "{}"}}], "usage": {"prompt_tokens": "many"}},
+     "unexpected response shape: usage", False),
+])
+def test_a_chat_response_of_the_wrong_shape_is_an_output_error(standin, plan_call, family, body, says, billed):
+    standin.respond(body)
+    with pytest.raises(OutputError, match=re.escape(says)) as info:
+        providers_for(standin)[family].complete(plan_call(family))
+    usage = getattr(info.value, "usage", None)
+    assert (usage.input_tokens, usage.output_tokens) == (12, 34) if billed else usage is None
 
 
 def test_a_refusal_is_an_output_error(standin, plan_call):

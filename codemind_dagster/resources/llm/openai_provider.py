@@ -11,7 +11,9 @@ from codemind_dagster.resources.llm.anthropic_provider import (
     Redactor,
     SdkProvider,
     connection_error,
+    dump_body,
     feedback_text,
+    json_body,
     output_error,
     secret,
     status_error,
@@ -49,29 +51,40 @@ def _n(value: Any) -> int:
 
 def normalize_usage(u: Any) -> Usage:
     """OpenAI counts cached prompt tokens inside prompt_tokens and reasoning inside completion_tokens."""
-    if u is None:
+    if not u:
         return Usage()
-    pd, cd = getattr(u, "prompt_tokens_details", None), getattr(u, "completion_tokens_details", None)
-    cached = _n(getattr(pd, "cached_tokens", 0))
-    written = _n(getattr(pd, "cache_write_tokens", 0))
-    reasoning = _n(getattr(cd, "reasoning_tokens", 0))
-    return Usage(input_tokens=max(0, _n(u.prompt_tokens) - cached - written), cache_write_tokens=written,
-                 cache_read_tokens=cached, output_tokens=max(0, _n(u.completion_tokens) - reasoning),
+    pd, cd = u.get("prompt_tokens_details") or {}, u.get("completion_tokens_details") or {}
+    cached = _n(pd.get("cached_tokens"))
+    written = _n(pd.get("cache_write_tokens"))
+    reasoning = _n(cd.get("reasoning_tokens"))
+    return Usage(input_tokens=max(0, _n(u.get("prompt_tokens")) - cached - written), cache_write_tokens=written,
+                 cache_read_tokens=cached, output_tokens=max(0, _n(u.get("completion_tokens")) - reasoning),
                  reasoning_tokens=reasoning)
 
 
-def parse_chat(provider: str, call: Call, response: Any) -> Completion:
-    usage = normalize_usage(response.usage)
-    if not response.choices:
+def parse_chat(provider: str, call: Call, body: dict[str, Any]) -> Completion:
+    """The JSON answer and normalized usage, from a Chat Completions response body."""
+    try:
+        usage = normalize_usage(body.get("usage"))
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise OutputError(f"{provider}: unexpected response shape: usage: {exc}", raw=dump_body(body)) from None
+    choices = body.get("choices")
+    if not choices:
         raise output_error(f"{provider}: the response has no choices", "", usage)
-    choice = response.choices[0]
-    msg = choice.message
-    raw = msg.content or ""
-    if getattr(msg, "refusal", None):
-        raise output_error(f"{provider}: the model refused: {msg.refusal}", msg.refusal, usage)
-    if choice.finish_reason == "length":
+    choice = choices[0] if isinstance(choices, list) else None
+    msg = choice.get("message") if isinstance(choice, dict) else None
+    if not isinstance(msg, dict):
+        raise output_error(f"{provider}: unexpected response shape: no message in the first choice", dump_body(body),
+                           usage)
+    raw = msg.get("content") or ""
+    if not isinstance(raw, str):
+        raise output_error(f"{provider}: unexpected response shape: the message content is not text", dump_body(body),
+                           usage)
+    if msg.get("refusal"):
+        raise output_error(f"{provider}: the model refused: {msg['refusal']}", str(msg["refusal"]), usage)
+    if choice.get("finish_reason") == "length":
         raise output_error(f"{provider}: the answer was cut off at max_tokens={call.max_tokens}", raw, usage)
-    if choice.finish_reason == "content_filter":
+    if choice.get("finish_reason") == "content_filter":
         raise output_error(f"{provider}: the answer was withheld by the content filter", raw, usage)
     try:
         output = json.loads(raw)
@@ -96,20 +109,17 @@ class _OpenAIFamily(SdkProvider):
         except (ValueError, openai.OpenAIError) as exc:
             raise ProviderUnavailable(self.name, self._redactor()(f"cannot build the client: {exc}")) from None
         try:
-            response = client.chat.completions.create(**chat_request(call))
+            # The raw body, as for Claude: no SDK response models built for an answer read as JSON.
+            response = client.chat.completions.with_raw_response.create(**chat_request(call))
         except openai.APIStatusError as exc:
             # The SDK unwraps {"error": {...}}: exc.body is the inner object.
             raise status_error(self.name, exc.status_code, exc.body, exc.response.headers,
                                self._redactor()) from None
         except openai.APIConnectionError as exc:  # includes APITimeoutError
             raise connection_error(self.name, exc, self.timeout_s, self._redactor()) from None
-        except json.JSONDecodeError as exc:  # a 200 whose body is not JSON (a proxy's page, say)
-            raise OutputError(f"{self.name}: the response body is not JSON", raw=exc.doc[:10_000]) from None
-        except openai.APIResponseValidationError as exc:
-            raise OutputError(f"{self.name}: unexpected response shape", raw=str(exc.body)[:10_000]) from None
         except openai.OpenAIError as exc:
             raise FatalError(self.name, self._redactor()(f"{type(exc).__name__}: {exc}")) from None
-        return parse_chat(self.name, call, response)
+        return parse_chat(self.name, call, json_body(self.name, response.http_response.content))
 
 
 class OpenAIProvider(_OpenAIFamily):
