@@ -15,6 +15,7 @@ from codemind_dagster.agents.coding import CODE_TASK, CodeInput, code_offline
 from codemind_dagster.agents.planning import PLAN_TASK, PlanInput, plan_offline
 from codemind_dagster.agents.testing import CONTRACT_TASK, ContractInput, contract_offline
 from codemind_dagster.domain.intent import read_intent_file
+from codemind_dagster.resources.llm.anthropic_provider import json_body, token_counts
 from codemind_dagster.resources.llm.config import ProviderConfig, build_providers
 from codemind_dagster.resources.llm.errors import (
     FatalError,
@@ -270,8 +271,8 @@ _USAGE = {"input_tokens": 12, "output_tokens": 34}
     ({"type": "message", "usage": _USAGE}, "unexpected response shape: no content", True),
     ({"content": {"type": "tool_use"}, "usage": _USAGE}, "unexpected response shape: content is not a list", True),
     ({"content": [{"type": "tool_use", "id": "t"}], "usage": _USAGE}, "the tool_use block has no input", True),
-    ({"content": [_TOOL], "usage": {"input_tokens": "many"}}, "unexpected response shape: usage", False),
-    ({"content": [_TOOL], "usage": [1, 2]}, "unexpected response shape: usage", False),
+    ({"content": [_TOOL], "usage": {"input_tokens": "many"}}, "unexpected response shape: no readable usage", False),
+    ({"content": [_TOOL], "usage": [1, 2]}, "unexpected response shape: no readable usage", False),
     ({"content": [{"type": "tool_use", "input": ["a"]}], "usage": _USAGE}, "not a JSON object", True),
 ])
 def test_a_response_of_the_wrong_shape_is_an_output_error(standin, plan_call, family, body, says, billed):
@@ -281,7 +282,10 @@ def test_a_response_of_the_wrong_shape_is_an_output_error(standin, plan_call, fa
         providers_for(standin)[family].complete(plan_call(family))
     assert info.value.raw
     usage = getattr(info.value, "usage", None)
-    assert (usage.input_tokens, usage.output_tokens) == (12, 34) if billed else usage is None
+    if billed:
+        assert (usage.input_tokens, usage.output_tokens) == (12, 34)
+    else:
+        assert usage is None  # the router prices the attempt from its estimates
 
 
 _CHAT_USAGE = {"prompt_tokens": 12, "completion_tokens": 34}
@@ -295,14 +299,34 @@ _CHAT_USAGE = {"prompt_tokens": 12, "completion_tokens": 34}
     ({"choices": {"0": {}}, "usage": _CHAT_USAGE}, "no message in the first choice", True),
     ({"choices": [{"message": {"content": ["a"]}}], "usage": _CHAT_USAGE}, "the message content is not text", True),
     ({"choices": [{"message": {"content": "{}"}}], "usage": {"prompt_tokens": "many"}},
-     "unexpected response shape: usage", False),
+     "unexpected response shape: no readable usage", False),
 ])
 def test_a_chat_response_of_the_wrong_shape_is_an_output_error(standin, plan_call, family, body, says, billed):
+    """As for Claude: any shape but a Chat Completions response fails clearly, with the usage it reported."""
     standin.respond(body)
     with pytest.raises(OutputError, match=re.escape(says)) as info:
         providers_for(standin)[family].complete(plan_call(family))
     usage = getattr(info.value, "usage", None)
-    assert (usage.input_tokens, usage.output_tokens) == (12, 34) if billed else usage is None
+    if billed:
+        assert (usage.input_tokens, usage.output_tokens) == (12, 34)
+    else:
+        assert usage is None
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe{}", b'{"usage": NaN}', b'{"n": Infinity}', b"[" * 100_000,
+                                     b"<html>502</html>", b""])
+def test_a_body_that_is_not_json_keeps_its_text(content):
+    with pytest.raises(OutputError, match="the response body is not JSON") as info:
+        json_body("anthropic", content)
+    assert info.value.raw == content[:10_000].decode(errors="replace")
+
+
+def test_token_counts_take_only_non_negative_numbers():
+    assert token_counts({"a": 3, "b": 2.0}, "a", "b", "c") == [3, 2, 0]  # a count not reported is 0
+    assert token_counts({"a": None}, "a") == [0]
+    for bad in (-1, 2.5, True, "3", [1], float("inf"), float("nan"), 2**60):
+        assert token_counts({"a": bad}, "a") is None, bad
+    assert token_counts(None, "a") is None and token_counts([1], "a") is None
 
 
 def test_a_refusal_is_an_output_error(standin, plan_call):

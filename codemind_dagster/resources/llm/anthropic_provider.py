@@ -109,6 +109,58 @@ def feedback_text(feedback: str, retry: str) -> str:
     return f"Your previous answer was rejected: {feedback.rstrip().rstrip('.')}. {retry}"
 
 
+def output_error(message: str, raw: str, usage: Usage | None) -> OutputError:
+    """An OutputError carrying the tokens the answer cost, so the router's ledger never under-counts."""
+    err = OutputError(message, raw=raw)
+    err.usage = usage  # type: ignore[attr-defined]
+    return err
+
+
+def json_body(provider: str, content: bytes) -> dict[str, Any]:
+    """A 200's body as a JSON object, or an OutputError (a proxy's page, say, or not even UTF-8)."""
+    try:
+        body = json.loads(content, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        raise OutputError(f"{provider}: the response body is not JSON",
+                          raw=content[:10_000].decode(errors="replace")) from None
+    if not isinstance(body, dict):
+        raise OutputError(f"{provider}: unexpected response shape: not a JSON object", raw=dump_body(body))
+    return body
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def dump_body(body: Any) -> str:
+    """A response body as text for an error's `raw`, capped."""
+    return json.dumps(body, default=str)[:10_000]
+
+
+def token_counts(u: Any, *names: str) -> list[int] | None:
+    """The named token counts of a usage object, or None when any is not a count (missing ones are 0).
+
+    None sends the answer down the router's estimate path: a count we cannot read is never taken as 0.
+    """
+    if not isinstance(u, dict):
+        return None
+    counts = []
+    for name in names:
+        v = u.get(name)
+        if v is None:
+            v = 0
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 2**53 or v % 1:
+            return None
+        counts.append(int(v))
+    return counts
+
+def priced(provider: str, usage: Usage | None, body: Any) -> Usage:
+    """An answer's usage; an answer whose cost cannot be read is not taken (the router prices it from estimates)."""
+    if usage is None:
+        raise OutputError(f"{provider}: unexpected response shape: no readable usage", raw=dump_body(body))
+    return usage
+
+
 class LazyClient:
     """The SDK client, built on first use (never at import or definition load), once per provider."""
 
@@ -158,65 +210,34 @@ def messages_request(call: Call) -> dict[str, Any]:
     return request
 
 
-def _n(value: Any) -> int:
-    return int(value or 0)
-
-
-def output_error(message: str, raw: str, usage: Usage | None) -> OutputError:
-    """An OutputError carrying the tokens the answer cost, so the router's ledger never under-counts."""
-    err = OutputError(message, raw=raw)
-    err.usage = usage  # type: ignore[attr-defined]
-    return err
-
-
-def parse_message(provider: str, call: Call, body: Any) -> Completion:
+def parse_message(provider: str, call: Call, body: dict[str, Any]) -> Completion:
     """The forced tool's input and normalized usage, from a Messages API response body."""
-    try:
-        u = body.get("usage") or {}
-        # Anthropic's input_tokens already excludes cache writes and reads.
-        usage = Usage(input_tokens=_n(u.get("input_tokens")),
-                      cache_write_tokens=_n(u.get("cache_creation_input_tokens")),
-                      cache_read_tokens=_n(u.get("cache_read_input_tokens")), output_tokens=_n(u.get("output_tokens")))
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise OutputError(f"{provider}: unexpected response shape: usage: {exc}", raw=dump_body(body)) from None
+    counts = token_counts(body.get("usage"), "input_tokens", "cache_creation_input_tokens",
+                          "cache_read_input_tokens", "output_tokens")
+    # Anthropic's input_tokens already excludes cache writes and reads.
+    usage = Usage(input_tokens=counts[0], cache_write_tokens=counts[1], cache_read_tokens=counts[2],
+                  output_tokens=counts[3]) if counts else None
     content = body.get("content")
     if not isinstance(content, list):
         why = "no content" if content is None else "content is not a list"
         raise output_error(f"{provider}: unexpected response shape: {why}", dump_body(body), usage)
     blocks = [b for b in content if isinstance(b, dict)]
     tools = [b for b in blocks if b.get("type") == "tool_use"]
-    if tools and "input" not in tools[0]:
-        raise output_error(f"{provider}: unexpected response shape: the tool_use block has no input", dump_body(body),
-                           usage)
-    answer = tools[0]["input"] if tools else None
     stop = body.get("stop_reason")
     if not tools:
-        text = "".join(str(b.get("text", "")) for b in blocks if b.get("type") == "text")
+        text = "".join(str(b.get("text") or "") for b in blocks if b.get("type") == "text")
         raise output_error(f"{provider}: the model answered without calling {tool_name(call)} "
                            f"(stop_reason {stop})", text, usage)
+    if "input" not in tools[0]:
+        raise output_error(f"{provider}: unexpected response shape: the tool_use block has no input",
+                           dump_body(body), usage)
+    answer = tools[0]["input"]
     if stop == "max_tokens":
         raise output_error(f"{provider}: the answer was cut off at max_tokens={call.max_tokens}",
                            json.dumps(answer), usage)
     if not isinstance(answer, dict):
         raise output_error(f"{provider}: the tool input is not a JSON object", json.dumps(answer), usage)
-    return Completion(output=answer, usage=usage)
-
-
-def json_body(provider: str, content: bytes) -> dict[str, Any]:
-    """A 200's body as a JSON object, or an OutputError (a proxy's page, say, or not even UTF-8)."""
-    try:
-        body = json.loads(content)
-    except ValueError:
-        raise OutputError(f"{provider}: the response body is not JSON",
-                          raw=content[:10_000].decode(errors="replace")) from None
-    if not isinstance(body, dict):
-        raise OutputError(f"{provider}: unexpected response shape: not a JSON object", raw=dump_body(body))
-    return body
-
-
-def dump_body(body: Any) -> str:
-    """A response body as text for an error's `raw`, capped."""
-    return json.dumps(body, default=str)[:10_000]
+    return Completion(output=answer, usage=priced(provider, usage, body))
 
 
 class SdkProvider:
@@ -264,8 +285,8 @@ class _AnthropicFamily(SdkProvider):
         except ValueError as exc:
             raise ProviderUnavailable(self.name, self._redactor()(f"cannot build the client: {exc}")) from None
         try:
-            # The raw body: the answer is read from its JSON without building the SDK's response models
-            # (0.2-0.4 ms a call); requests, auth, signing, errors and timeouts stay the SDK's.
+            # The raw body: the answer is read from its JSON, so the SDK's response models are not built for
+            # nothing; requests, auth, signing, errors and timeouts stay the SDK's.
             response = client.messages.with_raw_response.create(**messages_request(call))
         except anthropic.APIStatusError as exc:
             etype = exc.response.headers.get("x-amzn-errortype", "").split(":")[0] or None

@@ -15,10 +15,12 @@ from codemind_dagster.resources.llm.anthropic_provider import (
     feedback_text,
     json_body,
     output_error,
+    priced,
     secret,
     status_error,
+    token_counts,
 )
-from codemind_dagster.resources.llm.errors import FatalError, OutputError, ProviderUnavailable
+from codemind_dagster.resources.llm.errors import FatalError, ProviderUnavailable
 from codemind_dagster.resources.llm.providers import Call, Completion
 from codemind_dagster.resources.llm.usage import Usage
 
@@ -45,54 +47,51 @@ def chat_request(call: Call) -> dict[str, Any]:
     }
 
 
-def _n(value: Any) -> int:
-    return int(value or 0)
+def normalize_usage(u: Any) -> Usage | None:
+    """OpenAI counts cached prompt tokens inside prompt_tokens and reasoning inside completion_tokens.
 
-
-def normalize_usage(u: Any) -> Usage:
-    """OpenAI counts cached prompt tokens inside prompt_tokens and reasoning inside completion_tokens."""
-    if not u:
-        return Usage()
-    pd, cd = u.get("prompt_tokens_details") or {}, u.get("completion_tokens_details") or {}
-    cached = _n(pd.get("cached_tokens"))
-    written = _n(pd.get("cache_write_tokens"))
-    reasoning = _n(cd.get("reasoning_tokens"))
-    return Usage(input_tokens=max(0, _n(u.get("prompt_tokens")) - cached - written), cache_write_tokens=written,
-                 cache_read_tokens=cached, output_tokens=max(0, _n(u.get("completion_tokens")) - reasoning),
-                 reasoning_tokens=reasoning)
+    None when a count cannot be read.
+    """
+    totals = token_counts(u, "prompt_tokens", "completion_tokens")
+    if totals is None:
+        return None
+    prompt_details = token_counts(u.get("prompt_tokens_details") or {}, "cached_tokens", "cache_write_tokens")
+    completion_details = token_counts(u.get("completion_tokens_details") or {}, "reasoning_tokens")
+    if prompt_details is None or completion_details is None:
+        return None
+    (prompt, completion), (cached, written), (reasoning,) = totals, prompt_details, completion_details
+    return Usage(input_tokens=max(0, prompt - cached - written), cache_write_tokens=written, cache_read_tokens=cached,
+                 output_tokens=max(0, completion - reasoning), reasoning_tokens=reasoning)
 
 
 def parse_chat(provider: str, call: Call, body: dict[str, Any]) -> Completion:
     """The JSON answer and normalized usage, from a Chat Completions response body."""
-    try:
-        usage = normalize_usage(body.get("usage"))
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise OutputError(f"{provider}: unexpected response shape: usage: {exc}", raw=dump_body(body)) from None
+    usage = normalize_usage(body.get("usage"))
     choices = body.get("choices")
     if not choices:
         raise output_error(f"{provider}: the response has no choices", "", usage)
     choice = choices[0] if isinstance(choices, list) else None
     msg = choice.get("message") if isinstance(choice, dict) else None
     if not isinstance(msg, dict):
-        raise output_error(f"{provider}: unexpected response shape: no message in the first choice", dump_body(body),
-                           usage)
-    raw = msg.get("content") or ""
-    if not isinstance(raw, str):
-        raise output_error(f"{provider}: unexpected response shape: the message content is not text", dump_body(body),
-                           usage)
+        raise output_error(f"{provider}: unexpected response shape: no message in the first choice",
+                           dump_body(body), usage)
     if msg.get("refusal"):
         raise output_error(f"{provider}: the model refused: {msg['refusal']}", str(msg["refusal"]), usage)
+    raw = msg.get("content") or ""
+    if not isinstance(raw, str):
+        raise output_error(f"{provider}: unexpected response shape: the message content is not text",
+                           dump_body(body), usage)
     if choice.get("finish_reason") == "length":
         raise output_error(f"{provider}: the answer was cut off at max_tokens={call.max_tokens}", raw, usage)
     if choice.get("finish_reason") == "content_filter":
         raise output_error(f"{provider}: the answer was withheld by the content filter", raw, usage)
     try:
         output = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise output_error(f"{provider}: the answer is not valid JSON", raw, usage) from None
     if not isinstance(output, dict):
         raise output_error(f"{provider}: the answer is not a JSON object", raw, usage)
-    return Completion(output=output, usage=usage, raw=raw)
+    return Completion(output=output, usage=priced(provider, usage, body), raw=raw)
 
 
 class _OpenAIFamily(SdkProvider):
