@@ -156,23 +156,23 @@ def main() -> None:
             router.run(task, inp, intent="bench", run_id=run_id, intent_budget_usd=100.0)
             return (time.perf_counter() - t0) * 1000
 
+        def request(inp: Ask) -> dict:
+            return messages_request(Call(task=task, payload=inp, model=MODEL, system=task.system, context=context,
+                                         prompt=inp.text, max_tokens=task.max_tokens, output_schema=schema))
+
         def sdk_call(i: int) -> float:
             inp = Ask(text=f"Echo request {uuid.uuid4().hex}")
             # Timed like the router: a direct caller also builds the request and validates the typed answer.
             t0 = time.perf_counter()
-            req = messages_request(Call(task=task, payload=inp, model=MODEL, system=task.system, context=context,
-                                        prompt=inp.text, max_tokens=task.max_tokens, output_schema=schema))
-            msg = client.messages.create(**req)
+            msg = client.messages.create(**request(inp))
             task.output.model_validate(msg.content[0].input)
             return (time.perf_counter() - t0) * 1000
 
         def sdk_raw_call(i: int) -> float:
-            inp = Ask(text=f"Echo {uuid.uuid4().hex}")
+            inp = Ask(text=f"Echo request {uuid.uuid4().hex}")
             # The SDK as the router's provider uses it: the raw body, no response models built.
             t0 = time.perf_counter()
-            req = messages_request(Call(task=task, payload=inp, model=MODEL, system=task.system, context=context,
-                                        prompt=inp.text, max_tokens=task.max_tokens, output_schema=schema))
-            body = json.loads(client.messages.with_raw_response.create(**req).http_response.content)
+            body = json.loads(client.messages.with_raw_response.create(**request(inp)).http_response.content)
             task.output.model_validate(next(b for b in body["content"] if b["type"] == "tool_use")["input"])
             return (time.perf_counter() - t0) * 1000
 
