@@ -6,7 +6,7 @@ ifeq ($(UV),)
 UV := .tools/bin/uv
 endif
 
-.PHONY: setup demo test ui down validate bench bench-router bench-cost clean
+.PHONY: setup demo test ui down validate bench bench-router bench-cost clean k8s-build k8s-up k8s-down k8s-status
 setup: .venv/.synced
 
 .tools/bin/uv:
@@ -40,6 +40,18 @@ bench-router: setup
 
 bench-cost: setup
 	.venv/bin/python benchmarks/cost_report.py
+
+k8s-build: setup  ## build etcd and the Kubernetes control plane from the Go module proxy (cached)
+	.venv/bin/python -m devcluster build
+
+k8s-up: setup  ## start the clusters main (dev-staging, production) and dr; kubeconfig in $$CODEMIND_HOME/kube/config
+	.venv/bin/python -m devcluster up
+
+k8s-down: setup
+	.venv/bin/python -m devcluster down
+
+k8s-status: setup
+	.venv/bin/python -m devcluster status
 
 clean:
 	rm -rf .venv .tools .codemind

@@ -41,6 +41,11 @@ class Settings(BaseModel):
     llm_routes: str | None = None  # JSON routing table overriding the mode's defaults
     repair_rounds: int = Field(default=3, ge=0, le=10)
     public_ports: tuple[int, int] = PUBLIC_PORTS
+    # k8s profile: one kubeconfig (default $CODEMIND_HOME/kube/config, as `make k8s-up` writes it) and
+    # JSON maps of environment -> context / namespace over the defaults in resources/clusters.py.
+    kubeconfig: Path | None = None
+    k8s_contexts: str | None = None
+    k8s_namespaces: str | None = None
 
     @field_validator("public_ports", mode="before")
     @classmethod
@@ -78,6 +83,9 @@ class Settings(BaseModel):
             "llm_routes": e.get("CODEMIND_LLM_ROUTES"),
             "repair_rounds": e.get("CODEMIND_REPAIR_ROUNDS"),
             "public_ports": e.get("CODEMIND_PUBLIC_PORTS"),
+            "kubeconfig": e.get("CODEMIND_KUBECONFIG"),
+            "k8s_contexts": e.get("CODEMIND_K8S_CONTEXTS"),
+            "k8s_namespaces": e.get("CODEMIND_K8S_NAMESPACES"),
         }
         s = cls.model_validate({k: v for k, v in raw.items() if v not in (None, "")})
         return s.model_copy(update={"home": s.home.expanduser().resolve()})
@@ -85,6 +93,10 @@ class Settings(BaseModel):
     @cached_property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'platform.db'}"
+
+    @property
+    def kubeconfig_path(self) -> Path:
+        return self.kubeconfig or self.home / "kube" / "config"
 
     @property
     def intents_dir(self) -> Path:

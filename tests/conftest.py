@@ -89,3 +89,41 @@ def db(request, tmp_path: Path):
 @pytest.fixture
 def examples() -> Path:
     return EXAMPLES
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory):
+    """Both local control planes (clusters `main` and `dr`, with node agents and the shared CRDs), for the session.
+
+    Yields the home whose kube/config holds the contexts dev-staging, production and dr.
+    """
+    import shutil
+
+    from devcluster import build, cluster
+
+    if not build.built() and shutil.which("go") is None:
+        missing = "Go 1.26+ to build the control plane (then: make k8s-build)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"k8s tests need {missing}")
+        pytest.skip(f"k8s tests need {missing}")
+    home = tmp_path_factory.mktemp("kube-home")
+    clusters = cluster.up(home)
+    try:
+        yield KubeHome(home, {c.name: c for c in clusters})
+    finally:
+        for c in clusters:
+            c.stop()
+
+
+class KubeHome:
+    """The clusters of the `kube` fixture: their kubeconfig and API clients per context."""
+
+    def __init__(self, home: Path, clusters: dict):
+        self.home = home
+        self.clusters = clusters
+        self.kubeconfig = home / "kube" / "config"
+
+    def api(self, context: str = "dev-staging"):
+        from kubernetes import config
+
+        return config.new_client_from_config(str(self.kubeconfig), context=context)
