@@ -54,11 +54,23 @@ def test_definitions_import_no_heavy_modules():
     assert out.stdout.strip() == ""
 
 
-def test_k8s_profile_says_what_it_lacks(settings):
+def test_k8s_profile_refuses_sqlite(settings):
+    """The k8s profile names the setting it needs instead of running on an embedded SQLite file."""
     import pytest
 
-    with pytest.raises(RuntimeError, match="k8s profile is not available yet"):
+    with pytest.raises(RuntimeError, match="set CODEMIND_DATABASE_URL"):
         build_definitions(settings.model_copy(update={"profile": "k8s"}))
+
+
+def test_k8s_profile_loads_fast_without_a_cluster(settings, tmp_path):
+    """Definitions of the k8s profile load with no cluster up and without importing the kubernetes client."""
+    code = ("import sys, codemind_dagster.definitions as d; "
+            "print(type(d.defs.resources['runtime']).__name__, 'kubernetes' in sys.modules)")
+    env = {**os.environ, "CODEMIND_PROFILE": "k8s", "CODEMIND_DATABASE_URL": "postgresql+psycopg2://u@127.0.0.1:1/x",
+           "CODEMIND_KUBECONFIG": str(tmp_path / "missing")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["KubeRuntimeResource", "False"]
 
 
 def test_dagster_tools_load_the_code_location(settings, tmp_path):

@@ -21,9 +21,9 @@ from codemind_dagster.resources.platform import (
 from codemind_dagster.resources.probes import ProbeResource
 from codemind_dagster.settings import Settings
 
-K8S_PENDING = (
-    "the k8s profile is not available yet: its Kubernetes runtime, pod sandbox, S3 artifacts and real LLM "
-    "providers are still to be built; use CODEMIND_PROFILE=local (the default)"
+K8S_NEEDS_POSTGRES = (
+    "the k8s profile keeps the platform database (and the Dagster instance) on PostgreSQL: set "
+    "CODEMIND_DATABASE_URL, e.g. postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 )
 
 
@@ -52,7 +52,17 @@ def local_resources(s: Settings) -> dict[str, Any]:
     }
 
 
+def k8s_resources(s: Settings) -> dict[str, Any]:
+    """The local resources, with deploys, state and DR on the clusters of the kubeconfig."""
+    from codemind_dagster.resources.kube_runtime import KubeRuntimeResource
+
+    if not s.database_url or not s.database_url.startswith("postgresql"):
+        raise RuntimeError(K8S_NEEDS_POSTGRES)
+    res = local_resources(s)
+    res["runtime"] = KubeRuntimeResource(kubeconfig_path=str(s.kubeconfig_path), k8s_contexts=s.k8s_contexts,
+                                         k8s_namespaces=s.k8s_namespaces, health_timeout_s=s.health_timeout_s)
+    return res
+
+
 def resources_for(s: Settings) -> dict[str, Any]:
-    if s.profile == "local":
-        return local_resources(s)
-    raise RuntimeError(K8S_PENDING)
+    return local_resources(s) if s.profile == "local" else k8s_resources(s)
