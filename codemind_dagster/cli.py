@@ -25,10 +25,14 @@ def _db(settings: Settings):
 
 
 def _runtime(settings: Settings):
-    from codemind_dagster.resources.runtime import LocalRuntime
+    """The active profile's deploy target: local processes, or the clusters of the kubeconfig."""
+    from codemind_dagster.resources.profiles import resources_for
 
-    return LocalRuntime(settings.runtime_dir, health_timeout_s=settings.health_timeout_s,
-                        public_ports=settings.public_ports)
+    try:
+        return resources_for(settings)["runtime"].runtime()
+    except RuntimeError as e:  # a profile that cannot start, e.g. k8s without PostgreSQL
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
 
 
 def _store(settings: Settings):
@@ -151,8 +155,14 @@ def approve_release(db, intent_name: str, environment: str, by: str) -> str:
 @main.command()
 def down() -> None:
     """Stop every local deployment; they stay stopped until `codemind demo` resumes them."""
+    from codemind_dagster.resources.runtime import DeployError
+
     s = _settings()
-    stopped = _runtime(s).stop_all()
+    try:
+        stopped = _runtime(s).stop_all()
+    except DeployError as e:  # e.g. a cluster of the kubeconfig that does not answer; records stay as they are
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
     _db(s).stop_deployments()
     click.echo(f"stopped {stopped} deployment(s)")
 

@@ -418,9 +418,10 @@ class PodRunner:
             known = ", ".join(f"{p}*" for p in self.node.image_map)
             return SetupError("ErrImagePull", f'image "{image}" is not mapped to a local environment: this node '
                                               f"agent runs images whose repository matches {known} (--image-map)")
-        if not c.spec.get("command"):
+        # The mapped images have no ENTRYPOINT, so as with such an image in Docker, args alone are the command.
+        if not c.spec.get("command") and not c.spec.get("args"):
             return SetupError("CreateContainerError", f'container "{c.name}" has no command: the codemind node agent '
-                                                      "has no image entrypoints, so spec.command must be set")
+                                                      "has no image entrypoints, so spec.command or args must be set")
         return None
 
     def _image(self, image: str) -> dict | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -39,27 +40,43 @@ def runtime_cleanup(settings):
     LocalRuntime(settings.runtime_dir).stop_all()
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> str:
-    """A fresh database on the local PostgreSQL server, dropped after the session."""
+@contextlib.contextmanager
+def _new_database(prefix: str):
+    """A database of its own on the local PostgreSQL server, dropped (connections and all) on exit."""
     import sqlalchemy as sa
 
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"codemind_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     try:
         with admin.connect() as c:
             c.execute(sa.text(f'CREATE DATABASE "{name}"'))
     except sa.exc.OperationalError as e:
         pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is not reachable: {e.orig}")
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    yield url
-    from codemind_dagster.resources.database import _ENGINES
+    try:
+        yield url
+    finally:
+        from codemind_dagster.resources.database import _ENGINES
 
-    if url in _ENGINES:
-        _ENGINES.pop(url).dispose()
-    with admin.connect() as c:
-        c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+        if url in _ENGINES:
+            _ENGINES.pop(url).dispose()
+        with admin.connect() as c:
+            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """A fresh database on the local PostgreSQL server, dropped after the session."""
+    with _new_database("codemind_test") as url:
+        yield url
+
+
+@pytest.fixture
+def fresh_pg_url() -> str:
+    """A database for one test only (the k8s profile's platform tables and Dagster instance), dropped after it."""
+    with _new_database("codemind_one") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

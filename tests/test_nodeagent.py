@@ -474,13 +474,21 @@ def test_deny_all_egress_network_policy_is_enforced_by_the_kernel(kube, core, ns
     listener.close()
 
 
+def test_args_alone_are_the_command_as_with_an_image_without_entrypoint(core, ns):
+    """dagster-k8s run and step Jobs set only args (`dagster api execute_run ...`); they must run as written."""
+    core.create_namespaced_pod(ns, {"metadata": {"name": "argsonly"}, "spec": {"restartPolicy": "Never", "containers": [
+        {"name": "main", "image": IMAGE, "args": ["python", "-c", "import sys; print('args ran', sys.argv[1:])", "x"]}]}})
+    wait(phase_is(core, ns, "argsonly", "Succeeded"), what="the args-only pod to succeed")
+    assert logs(core, ns, "argsonly") == "args ran ['x']\n"
+
+
 # ---- bad input -----------------------------------------------------------------------------------
 
 def test_unmapped_image_and_missing_command_are_clear_errors(core, ns):
     core.create_namespaced_pod(ns, {"metadata": {"name": "busybox"}, "spec": {"containers": [
         {"name": "main", "image": "busybox:1.36", "command": ["sh", "-c", "echo hi"]}]}})
     core.create_namespaced_pod(ns, {"metadata": {"name": "nocmd"}, "spec": {"containers": [
-        {"name": "main", "image": IMAGE, "args": ["--serve"]}]}})
+        {"name": "main", "image": IMAGE}]}})
     core.create_namespaced_pod(ns, python_pod("nobin", "", command=["no-such-binary", "x"]))
 
     def waiting(name):

@@ -9,7 +9,7 @@ from pydantic import BaseModel
 from codemind_dagster.agents.coding import CODE_TASK, CodeInput
 from codemind_dagster.agents.planning import PLAN_TASK, PlanInput
 from codemind_dagster.agents.repair import REPAIR_TASK, RepairInput
-from codemind_dagster.agents.testing import CONTRACT_TASK, ContractInput, run_tests
+from codemind_dagster.agents.testing import CONTRACT_TASK, ContractInput
 from codemind_dagster.assets.partitions import intent_partitions
 from codemind_dagster.domain.business_model import BusinessModel
 from codemind_dagster.domain.code import bundle_hash
@@ -141,8 +141,8 @@ def _test_artifact(context, intent: Intent, artifact: str, suite, db, store, san
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     try:
-        report = run_tests(bundle=store.read_bundle(artifact), suite=suite, artifact=artifact, workdir=workdir,
-                           sandbox=box)
+        report = sandbox.test(context, bundle=store.read_bundle(artifact), suite=suite, artifact=artifact,
+                              workdir=workdir)
         store.keep_evidence(key, [workdir / n for n in ("junit.xml", "coverage.json", "bandit.json")])
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -71,6 +71,8 @@ def print_state(doc: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from codemind_dagster.assets.platform import serving
+
     out = Console(soft_wrap=True, highlight=False, width=None if sys.stdout.isatty() else 200)
     mark = lambda ok: "[green]●[/]" if ok else "[red]○[/]"
 
@@ -79,16 +81,17 @@ def print_state(doc: dict[str, Any]) -> None:
         envs.add_column(col)
     for e in doc["environments"]:
         drift = f"[red]{e['drift']}[/]" if e["drift"] else "0"
-        envs.add_row(e["name"], str(e["desired"]), str(e["running"]), str(e["healthy"]), drift)
+        name = f"{e['name']} [red](unreachable)[/]" if e.get("unobserved") else e["name"]
+        envs.add_row(name, str(e["desired"]), str(e["running"]), str(e["healthy"]), drift)
     out.print(envs)
 
     services = Table(title="Services")
-    for col in ("intent", "env", "artifact", "pid", "port", "health", "uptime", "memory"):
+    for col in ("intent", "env", "artifact", "pid / pods", "port", "health", "uptime", "memory"):
         services.add_column(col)
     for s in doc["services"]:
         uptime = f"{s['uptime_s']:.0f}s" if s["uptime_s"] is not None else "-"
         rss = f"{s['memory_rss_bytes'] / 2**20:.1f} MiB" if s["memory_rss_bytes"] else "-"
-        services.add_row(s["intent"], s["environment"], s["artifact"][:12], str(s["pid"] or "-"),
+        services.add_row(s["intent"], s["environment"], s["artifact"][:12], serving(s) or "-",
                          str(s["port"] or "-"), mark(s["healthy"]), uptime, rss)
     out.print(services if doc["services"] else "no services known to the runtime")
 
@@ -98,6 +101,8 @@ def print_state(doc: dict[str, Any]) -> None:
     for p in doc["supporting"]:
         support.add_row(p["name"], mark(p["healthy"]), f"{p['latency_ms']:.1f} ms", p["detail"])
     out.print(support)
+    if "clusters" in doc:
+        print_clusters(out, doc["clusters"])
 
     if not doc["drift"]:
         out.print("[green]no drift[/]: what runs matches the deployment records")
@@ -108,3 +113,43 @@ def print_state(doc: dict[str, Any]) -> None:
     for d in doc["drift"]:
         drift.add_row(d["intent"], d["environment"], d["kind"], d["detail"])
     out.print(drift)
+
+
+def print_clusters(out, clusters: list[dict[str, Any]]) -> None:
+    """A row per kubeconfig context, then the workloads and pods of the configured namespaces."""
+    from rich.table import Table
+
+    from codemind_dagster.resources.kube_state import SUMMARY_HEADERS, summary_rows
+
+    summary = Table(title="Clusters")
+    for col in SUMMARY_HEADERS:
+        summary.add_column(col)
+    for row in summary_rows(clusters):
+        reachable = "[green]yes[/]" if row[1] else "[red]no[/]"
+        summary.add_row(str(row[0]), reachable, *(str(v) for v in row[2:]))
+    out.print(summary if clusters else "no cluster context configured")
+    up = [c for c in clusters if c["reachable"]]
+    if any(c["deployments"] or c["rollouts"] for c in up):
+        wl = Table(title="Workloads")
+        for col in ("context", "kind", "namespace", "name", "artifact", "ready", "revision", "state"):
+            wl.add_column(col)
+        for c in up:
+            for d in c["deployments"]:
+                wl.add_row(c["context"], "Deployment", d["namespace"], d["name"], (d["artifact"] or "-")[:12],
+                           f"{d['ready_replicas']}/{d['replicas']}", str(d["revision"] or "-"),
+                           "Available" if d["available"] else "not available")
+            for r in c["rollouts"]:
+                wl.add_row(c["context"], "Rollout", r["namespace"], r["name"], (r["artifact"] or "-")[:12],
+                           f"{r['ready_replicas']}/{r['replicas']}", str(r["stable_revision"] or "-"),
+                           f"{r['phase']}, canary weight {r['canary_weight']}")
+        out.print(wl)
+    if any(c["pods"] for c in up):
+        pods = Table(title="Pods")
+        for col in ("context", "namespace", "pod", "phase", "ready", "restarts", "node", "pod IP"):
+            pods.add_column(col)
+        for c in up:
+            for p in c["pods"]:
+                pods.add_row(c["context"], p["namespace"], p["name"], str(p["phase"]),
+                             "[green]yes[/]" if p["ready"] else "[red]no[/]", str(p["restarts"]),
+                             str(p["node"] or "-"), str(p["pod_ip"] or "-"))
+        out.print(pods)

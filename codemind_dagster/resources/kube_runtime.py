@@ -41,6 +41,7 @@ from codemind_dagster.resources.runtime import DeployError, DeployOutcome, Runti
 # kind -> (API prefix, plural, namespaced)
 _KINDS: dict[str, tuple[str, str, bool]] = {
     "Namespace": ("/api/v1", "namespaces", False),
+    "Node": ("/api/v1", "nodes", False),
     "ConfigMap": ("/api/v1", "configmaps", True),
     "Service": ("/api/v1", "services", True),
     "Pod": ("/api/v1", "pods", True),
@@ -61,6 +62,11 @@ _REVISION = "deployment.kubernetes.io/revision"
 _SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 _STATE_MANAGER = "codemind-state"
 _ROLLBACK_MANAGER = "codemind-rollback"
+# Field managers that are the platform itself: a field any other manager owns was set by someone else.
+_OWN_MANAGERS = frozenset({m.FIELD_MANAGER, _STATE_MANAGER, _ROLLBACK_MANAGER})
+_ARTIFACT_FIELD = ("f:metadata", "f:annotations", f"f:{ARTIFACT_ANNOTATION}")
+_REPLICAS_FIELD = ("f:spec", "f:replicas")
+_IMAGE_FIELD = ("f:spec", "f:template", "f:spec", "f:containers", f'k:{{"name":"{m.CONTAINER}"}}', "f:image")
 
 
 class KubeError(DeployError):
@@ -273,6 +279,24 @@ def _pod_failure(pod: Mapping, allowed_restarts: int) -> str | None:
     return None
 
 
+def _set_by(obj: Mapping, path: tuple[str, ...]) -> str:
+    """Who changed a field, from managedFields: ` (set by 'kubectl-set')`, or `` when only the platform owns it."""
+    owners, ours = set(), False
+    for entry in obj["metadata"].get("managedFields") or []:
+        node: Any = entry.get("fieldsV1") or {}
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is not None:
+            if entry.get("manager") in _OWN_MANAGERS:
+                ours = True
+            else:
+                owners.add(entry.get("manager") or "an unnamed client")
+    if owners:
+        return f" (set by {', '.join(repr(o) for o in sorted(owners))})"
+    # The scale subresource records no manager, but the platform's manager still loses the field.
+    return "" if ours else f" (changed outside the platform: field manager {m.FIELD_MANAGER!r} no longer owns it)"
+
+
 def _age_s(timestamp: str | None) -> float | None:
     if not timestamp:
         return None
@@ -362,17 +386,42 @@ class KubeRuntime:
         return None
 
     def list(self) -> list[RuntimeStatus]:
+        return self._statuses(None)
+
+    def observe(self) -> tuple[list[RuntimeStatus], dict[str, str]]:
+        """Like list(), but a context whose API does not answer is skipped: returns (statuses, {environment: why})."""
+        unreachable: dict[str, str] = {}
+        statuses = self._statuses(unreachable)
+        return statuses, unreachable
+
+    def _statuses(self, unreachable: dict[str, str] | None) -> list[RuntimeStatus]:
         found: dict[tuple, tuple[_Api, dict]] = {}
         for context, ns in self._places():
-            api = self._api(context)
-            for kind in _WORKLOADS:
-                for wl in api.list(kind, ns, MANAGED_BY, missing_ok=kind in _CRD_KINDS):
+            try:
+                api = self._api(context)
+                workloads = [(kind, api.list(kind, ns, MANAGED_BY, missing_ok=kind in _CRD_KINDS))
+                             for kind in _WORKLOADS]
+            except KubeUnreachable as e:
+                if unreachable is None:
+                    raise
+                for env, ctx in self.clusters.contexts.items():
+                    if ctx == context and self.clusters.namespaces.get(env) == ns:
+                        unreachable[env] = str(e)
+                continue
+            for kind, items in workloads:
+                for wl in items:
                     wl.setdefault("kind", kind)
                     found.setdefault((api.host, ns, kind, wl["metadata"]["name"]), (api, wl))
         if not found:
             return []
         with ThreadPoolExecutor(max_workers=min(8, len(found))) as pool:
             return list(pool.map(lambda item: self._status_of(*item), found.values()))
+
+    def inventory(self) -> list[dict[str, Any]]:
+        """Nodes and workloads of every configured context (kube_state.py); an unreachable one is an error entry."""
+        from codemind_dagster.resources.kube_state import inventory
+
+        return inventory(self)
 
     def stop(self, service: str, environment: str) -> bool:
         target = self._target(environment)
@@ -382,17 +431,27 @@ class KubeRuntime:
         return stopped
 
     def stop_all(self) -> int:
-        """Deletes every managed release in every configured namespace; returns how many workloads went."""
-        stopped = 0
+        """Deletes every managed release in every configured namespace; returns how many workloads went.
+
+        A context that does not answer does not keep the others running: they are stopped first, then it is raised.
+        """
+        stopped, unreachable = 0, []
         for context, ns in self._places():
-            api = self._api(context)
-            releases = set()
-            for kind in _WORKLOADS:
-                for wl in api.list(kind, ns, MANAGED_BY, missing_ok=kind in _CRD_KINDS):
-                    releases.add((_label(wl, SERVICE_LABEL), _label(wl, ENV_LABEL)))
+            try:
+                api = self._api(context)
+                releases = set()
+                for kind in _WORKLOADS:
+                    for wl in api.list(kind, ns, MANAGED_BY, missing_ok=kind in _CRD_KINDS):
+                        releases.add((_label(wl, SERVICE_LABEL), _label(wl, ENV_LABEL)))
+            except KubeUnreachable as e:
+                unreachable.append(e)
+                continue
             for svc, env in sorted(r for r in releases if all(r)):
                 stopped += self._delete_release(api, ns, m.selector(svc, env))
             self._wait_pods_gone(api, ns, MANAGED_BY)
+        if unreachable:
+            raise KubeUnreachable(f"stopped {stopped} workload(s); not reached: "
+                                  + "; ".join(dict.fromkeys(str(e) for e in unreachable)))
         return stopped
 
     # ---- shared helpers ---------------------------------------------------------------------
@@ -460,6 +519,7 @@ class KubeRuntime:
         svc = m.stable_service(name) if rollout else name
         pods = {p["metadata"]["name"]: p for p in api.list("Pod", ns, m.selector(name, environment))}
         wanted = _ann(wl, ARTIFACT_ANNOTATION)
+        findings = self._hand_edits(api, wl)
         serving = [(addr, pods[ref]) for addr, ref in self._ready_endpoints(api, ns, svc) if ref in pods]
         # Prefer a pod of the workload's recorded artifact; during a rollover both versions may be ready.
         serving.sort(key=lambda ap: (_ann(ap[1], ARTIFACT_ANNOTATION) != wanted, ap[1]["metadata"]["name"]))
@@ -475,7 +535,41 @@ class KubeRuntime:
             service=name, environment=environment, url=url, port=m.CONTAINER_PORT, artifact=artifact, pid=None,
             healthy=healthy, uptime_s=_age_s(start), memory_rss_bytes=None, proxy_pid=None,
             started_at=start or wl["metadata"].get("creationTimestamp") or "",
+            pods_ready=sum(_pod_ready(p) for p in pods.values()), findings=findings,
         )
+
+    def _hand_edits(self, api: _Api, wl: dict) -> tuple[str, ...]:
+        """What differs from what the platform applies: replicas, the image, the artifact annotations, the bundle."""
+        ns, name = wl["metadata"]["namespace"], wl["metadata"]["name"]
+        what = f"{wl.get('kind') or 'workload'} {ns}/{name}"
+        spec = wl.get("spec") or {}
+        tpl = spec.get("template") or {}
+        out: list[str] = []
+        replicas = spec.get("replicas", 1)
+        if replicas != self.options.replicas:
+            out.append(f"{what} is scaled to {replicas} replica(s){_set_by(wl, _REPLICAS_FIELD)}; "
+                       f"the platform applies {self.options.replicas}")
+        for c in (tpl.get("spec") or {}).get("containers") or []:
+            if c.get("name") == m.CONTAINER and c.get("image") != self.options.image:
+                out.append(f"{what}: container {m.CONTAINER} runs image {c.get('image')}"
+                           f"{_set_by(wl, _IMAGE_FIELD)}; the platform applies {self.options.image}")
+        labelled, runs = _ann(wl, ARTIFACT_ANNOTATION), _ann(tpl, ARTIFACT_ANNOTATION)
+        if labelled != runs:
+            out.append(f"{what}: annotation {ARTIFACT_ANNOTATION} says {str(labelled)[:12]}"
+                       f"{_set_by(wl, _ARTIFACT_FIELD)} but its pod template runs {str(runs)[:12]}")
+        bundle = next((v["configMap"].get("name") for v in (tpl.get("spec") or {}).get("volumes") or []
+                       if v.get("name") == "bundle" and "configMap" in v), None)
+        if runs and bundle:
+            if bundle != f"{name}-{runs[:12]}":
+                out.append(f"{what}: the pod template mounts ConfigMap {bundle}, not the bundle of {runs[:12]}")
+            cm = api.get("ConfigMap", ns, bundle)
+            if cm is None:
+                out.append(f"ConfigMap {ns}/{bundle} with the bundle of {runs[:12]} is gone: new pods cannot start")
+            elif _ann(cm, ARTIFACT_ANNOTATION) != runs:
+                out.append(f"ConfigMap {ns}/{bundle}: annotation {ARTIFACT_ANNOTATION} says "
+                           f"{str(_ann(cm, ARTIFACT_ANNOTATION))[:12]}{_set_by(cm, _ARTIFACT_FIELD)}, "
+                           f"the bundle it holds is {runs[:12]}")
+        return tuple(out)
 
 
 # ---- one deploy ------------------------------------------------------------------------------------

@@ -134,6 +134,12 @@ class TestSandboxResource(dg.ConfigurableResource):
 
         return SubprocessSandbox(Path(self.root), timeout_s=self.timeout_s, memory_mb=self.memory_mb)
 
+    def test(self, context, *, bundle: dict[str, str], suite, artifact: str, workdir: Path):
+        """Run the testing agent on one artifact in `workdir`; returns its TestReport."""
+        from codemind_dagster.agents.testing import run_tests
+
+        return run_tests(bundle=bundle, suite=suite, artifact=artifact, workdir=workdir, sandbox=self.sandbox())
+
 
 class RuntimeResource(dg.ConfigurableResource):
     """The deploy target: local processes behind a stable port per environment, blue/green."""

@@ -54,11 +54,19 @@ def local_resources(s: Settings) -> dict[str, Any]:
 
 def k8s_resources(s: Settings) -> dict[str, Any]:
     """The local resources, with deploys, state and DR on the clusters of the kubeconfig."""
+    from codemind_dagster.resources.clusters import ClusterMap
     from codemind_dagster.resources.kube_runtime import KubeRuntimeResource
+    from codemind_dagster.resources.kube_sandbox import KubeSandboxResource
 
     if not s.database_url or not s.database_url.startswith("postgresql"):
         raise RuntimeError(K8S_NEEDS_POSTGRES)
     res = local_resources(s)
+    # Tests run where dev lives: code under test never reaches the production cluster.
+    sandbox_context = ClusterMap.parse(s.kubeconfig_path, s.k8s_contexts).contexts["dev"]
+    res["sandbox"] = KubeSandboxResource(
+        root=str(s.sandbox_dir), timeout_s=s.sandbox_timeout_s, memory_mb=s.sandbox_memory_mb,
+        coverage_threshold=s.coverage_threshold, repair_rounds=s.repair_rounds,
+        kubeconfig_path=str(s.kubeconfig_path), context=sandbox_context)
     res["runtime"] = KubeRuntimeResource(kubeconfig_path=str(s.kubeconfig_path), k8s_contexts=s.k8s_contexts,
                                          k8s_namespaces=s.k8s_namespaces, health_timeout_s=s.health_timeout_s)
     return res

@@ -61,6 +61,9 @@ class RuntimeStatus:
     memory_rss_bytes: int | None
     proxy_pid: int | None
     started_at: str
+    # Set by runtimes whose services are pods (KubeRuntime); a process runtime leaves them at the defaults.
+    pods_ready: int | None = None
+    findings: tuple[str, ...] = ()  # hand edits detected against what the platform applied
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Entry points of the platform's own pods: what runs inside a Kubernetes pod in the k8s profile."""
