@@ -36,6 +36,11 @@ LOCAL = {
 }
 
 
+def dagster_yaml(settings: Settings) -> str:
+    """The text of the profile's managed dagster.yaml."""
+    return MANAGED + yaml.safe_dump(dagster_config(settings), sort_keys=False)
+
+
 def dagster_pg_url(database_url: str) -> str:
     """The platform DB's URL with the instance schema first on the search path."""
     base = database_url.replace("postgresql://", "postgresql+psycopg2://", 1)
@@ -77,7 +82,7 @@ def ensure_dagster_home(settings: Settings) -> str:
     if settings.profile == "k8s" and settings.database_url:
         os.environ.setdefault(PG_URL_ENV, dagster_pg_url(settings.database_url))
         _ensure_schema(settings.database_url)
-    want = MANAGED + yaml.safe_dump(dagster_config(settings), sort_keys=False)
+    want = dagster_yaml(settings)
     current = Path(cfg).read_text() if os.path.exists(cfg) else None
     if current is None or current == LEGACY or (current.startswith(MANAGED) and current != want):
         with open(cfg, "w") as f:

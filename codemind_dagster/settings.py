@@ -36,6 +36,7 @@ class Settings(BaseModel):
     backup_retention: int = Field(default=8, ge=1)
     # Production promotion waits while the last successful DR drill is older than this; None: no gate.
     dr_max_validation_age_s: float | None = Field(default=None, gt=0)
+    dr_keep_releases: bool = False  # k8s: leave the releases a drill redeployed into the dr cluster running
     redis_url: str | None = None
     llm_routing: Literal["offline", "providers"] = "offline"
     llm_routes: str | None = None  # JSON routing table overriding the mode's defaults
@@ -78,6 +79,7 @@ class Settings(BaseModel):
             "coverage_threshold": e.get("CODEMIND_COVERAGE_THRESHOLD"),
             "backup_retention": e.get("CODEMIND_BACKUP_RETENTION"),
             "dr_max_validation_age_s": e.get("CODEMIND_DR_MAX_VALIDATION_AGE_S"),
+            "dr_keep_releases": e.get("CODEMIND_DR_KEEP_RELEASES"),
             "redis_url": e.get("CODEMIND_REDIS_URL"),
             "llm_routing": e.get("CODEMIND_LLM_ROUTING"),
             "llm_routes": e.get("CODEMIND_LLM_ROUTES"),

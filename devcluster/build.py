@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,8 +39,18 @@ def _go(args: list[str], cwd: Path) -> str:
     go = shutil.which("go")
     if go is None:
         raise RuntimeError("go is not on PATH: the control plane is built from the Go module proxy (Go 1.26+)")
-    p = subprocess.run([go, *args], cwd=cwd, capture_output=True, text=True,
-                       env={**os.environ, "GOFLAGS": "-buildvcs=false", "CGO_ENABLED": "0"})
+    t0, done = time.monotonic(), threading.Event()
+
+    def heartbeat() -> None:  # a single `go build` of kube-apiserver runs for minutes without a word
+        while not done.wait(30):
+            _say(f"  still running go {args[0]} ({time.monotonic() - t0:.0f}s)")
+
+    threading.Thread(target=heartbeat, daemon=True).start()
+    try:
+        p = subprocess.run([go, *args], cwd=cwd, capture_output=True, text=True, check=False,
+                           env={**os.environ, "GOFLAGS": "-buildvcs=false", "CGO_ENABLED": "0"})
+    finally:
+        done.set()
     if p.returncode != 0:
         raise RuntimeError(f"go {' '.join(args)} failed in {cwd}:\n{p.stderr[-4000:]}")
     return p.stdout
@@ -50,7 +61,7 @@ def _staging_replaces(work: Path) -> list[str]:
     out = _go(["mod", "download", "-json", f"k8s.io/kubernetes@{KUBERNETES_VERSION}"], work)
     gomod = Path(re.search(r'"GoMod":\s*"([^"]+)"', out).group(1)).read_text()
     staging = KUBERNETES_VERSION.replace("v1.", "v0.", 1)
-    mods = re.findall(r"^\s*(?:replace\s+)?(k8s\.io/\S+)\s+=>\s+\./staging/", gomod, flags=re.M)
+    mods = re.findall(r"^\s*(?:replace\s+)?(k8s\.io/\S+)\s+=>\s+\./staging/", gomod, flags=re.MULTILINE)
     if not mods:
         raise RuntimeError("no staging replace lines found in k8s.io/kubernetes' go.mod")
     return [f"replace {m} => {m} {staging}" for m in mods]

@@ -18,7 +18,8 @@ from devcluster import build, certs
 
 SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_IP = "10.0.0.1"
-SHARED_K8S = Path(__file__).resolve().parent.parent.parent / "shared" / "k8s"
+# The shared folder sits beside the repository (../shared); CODEMIND_SHARED points elsewhere.
+SHARED_K8S = Path(os.environ.get("CODEMIND_SHARED") or Path(__file__).resolve().parent.parent.parent / "shared") / "k8s"
 
 # Two clusters side by side: dev, staging and production on one, disaster recovery on the other.
 CLUSTERS: dict[str, tuple[str, ...]] = {"main": ("dev-staging", "production"), "dr": ("dr",)}
@@ -313,7 +314,8 @@ def install_crds(kubeconfig: Path, context: str | None = None, crd_dir: Path | N
 
     crd_dir = crd_dir or SHARED_K8S / "crds"
     if not crd_dir.is_dir():
-        raise RuntimeError(f"CRDs not found at {crd_dir}: the shared folder must sit beside the repository")
+        raise RuntimeError(f"CRDs not found at {crd_dir}: the shared folder must sit beside the repository "
+                           "(or set CODEMIND_SHARED to it)")
     api = client.ApiextensionsV1Api(config.new_client_from_config(str(kubeconfig), context=context))
     names = []
     for f in sorted(crd_dir.rglob("*.yaml")):

@@ -46,7 +46,9 @@ def micro_now() -> str:
 def default_image_map() -> dict[str, dict]:
     """`codemind/*` images run with this project's environment: its venv's bin first on PATH."""
     path = [os.path.dirname(sys.executable)] + (os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin").split(":")
-    return {"codemind/": {"env": {"PATH": ":".join(dict.fromkeys(p for p in path if p))}}}
+    # What the image holds: a non-root container user sees these even under a directory closed to it (/root).
+    files = list(dict.fromkeys(os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)))
+    return {"codemind/": {"env": {"PATH": ":".join(dict.fromkeys(p for p in path if p))}, "paths": files}}
 
 
 def image_map_arg(text: str) -> dict[str, dict]:
@@ -55,11 +57,12 @@ def image_map_arg(text: str) -> dict[str, dict]:
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"not JSON: {e}") from e
     ok = isinstance(m, dict) and m and all(
-        isinstance(k, str) and k and isinstance(v, dict) and set(v) <= {"env", "workingDir"}
-        and all(isinstance(x, str) for x in (v.get("env") or {}).values()) for k, v in m.items())
+        isinstance(k, str) and k and isinstance(v, dict) and set(v) <= {"env", "workingDir", "paths"}
+        and all(isinstance(x, str) for x in (v.get("env") or {}).values())
+        and all(isinstance(x, str) and os.path.isabs(x) for x in v.get("paths") or []) for k, v in m.items())
     if not ok:
         raise argparse.ArgumentTypeError('expected {"<repository prefix>": {"env": {"NAME": "value"}, '
-                                         '"workingDir": "/path"}, ...}')
+                                         '"workingDir": "/path", "paths": ["/abs/path"]}, ...}')
     return m
 
 

@@ -29,6 +29,7 @@ HOST_IP = "127.0.0.1"
 GRACE_CAP_S = 10.0
 CLONE_NEWNS, CLONE_NEWNET = 0x00020000, 0x40000000
 MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x1, 0x20, 0x1000, 0x4000, 0x40000
+PR_SET_NO_NEW_PRIVS = 38
 API_DATA_VOLUMES = ("configMap", "secret", "projected", "downwardAPI")
 
 
@@ -235,6 +236,17 @@ class Instance:
             self.signal(signal.SIGKILL)
 
 
+def identity(pod_spec: dict, c_spec: dict) -> dict:
+    """The process identity a kubelet derives from the pod's and the container's securityContext."""
+    pod_sc, sc = pod_spec.get("securityContext") or {}, c_spec.get("securityContext") or {}
+    pick = lambda key: sc.get(key, pod_sc.get(key))
+    uid, gid = pick("runAsUser"), pick("runAsGroup")
+    groups = [g for g in [pod_sc.get("fsGroup"), *(pod_sc.get("supplementalGroups") or [])] if g is not None]
+    return {"uid": uid, "gid": gid if gid is not None else uid, "groups": groups,
+            "non_root": bool(pick("runAsNonRoot")),
+            "no_new_privs": sc.get("allowPrivilegeEscalation") is False}
+
+
 class Container:
     """A container of the pod and what its status reports."""
 
@@ -418,6 +430,10 @@ class PodRunner:
             known = ", ".join(f"{p}*" for p in self.node.image_map)
             return SetupError("ErrImagePull", f'image "{image}" is not mapped to a local environment: this node '
                                               f"agent runs images whose repository matches {known} (--image-map)")
+        ident = identity(self.pod["spec"], c.spec)
+        if ident["non_root"] and not ident["uid"]:  # the mapped images run as the agent's user: root
+            return SetupError("CreateContainerConfigError",
+                              f'container "{c.name}" has runAsNonRoot and image will run as root: set runAsUser')
         # The mapped images have no ENTRYPOINT, so as with such an image in Docker, args alone are the command.
         if not c.spec.get("command") and not c.spec.get("args"):
             return SetupError("CreateContainerError", f'container "{c.name}" has no command: the codemind node agent '
@@ -599,7 +615,8 @@ class PodRunner:
         r, w = os.pipe()
         spec = {"argv": argv, "env": env, "cwd": self._cwd(c), "mounts": mounts, "status_fd": w,
                 "netns": self.pause.pid if self.pause else None, "scratch": str(scratch),
-                "cgroup": str(inst.cgroup) if inst.cgroup else None}
+                "cgroup": str(inst.cgroup) if inst.cgroup else None, **identity(self.pod["spec"], c.spec),
+                "image_paths": self._image(c.spec["image"]).get("paths") or []}
         path = scratch / "spec.json"
         path.write_text(json.dumps(spec))
         path.chmod(0o600)  # it holds the container's env, secrets included
@@ -792,7 +809,7 @@ class PodRunner:
             d.mkdir(parents=True, exist_ok=True)
             src = v[kind]
             if kind == "emptyDir":
-                pass
+                d.chmod(0o777)
             elif kind == "configMap":
                 _write(d, self._files("configMap", src), src.get("defaultMode", 0o644))
             elif kind == "secret":
@@ -938,7 +955,7 @@ class PodRunner:
     def _exec_probe(self, c: Container, inst: Instance, command: list[str], timeout: float) -> tuple[bool, str]:
         path = self.dir / "scratch" / f"probe-{c.name}-{threading.get_ident()}.json"
         path.write_text(json.dumps({"argv": command, "env": c.env, "cwd": self._cwd(c),
-                                    "join": inst.proc.pid}))
+                                    "join": inst.proc.pid, **identity(self.pod["spec"], c.spec)}))
         path.chmod(0o600)
         p = subprocess.Popen([sys.executable, "-I", "-S", __file__, "exec", str(path)], stdin=subprocess.DEVNULL,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env={})
@@ -1158,6 +1175,8 @@ def _wrapper_exec(spec: dict) -> None:
                 _setns(spec["netns"], "net", CLONE_NEWNET)
             _check(_libc().unshare(CLONE_NEWNS), "unshare mount namespace")
             _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount propagates back to the host
+            if spec.get("uid"):
+                _image_view(spec.get("image_paths") or [])
             points = _MountPoints(spec["scratch"])
             mounts = sorted(spec.get("mounts") or [], key=lambda m: len(Path(m["target"]).parts))
             done = []
@@ -1170,6 +1189,7 @@ def _wrapper_exec(spec: dict) -> None:
                     _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
         cwd = spec.get("cwd") or "/"
         os.chdir(points.ensure(cwd, True) if points else cwd)
+        _become(spec)
         if status_fd is not None:
             os.set_inheritable(status_fd, False)  # closes on exec: EOF tells the agent the exec happened
     except Exception as e:  # noqa: BLE001 - told to the agent as StartError
@@ -1179,6 +1199,39 @@ def _wrapper_exec(spec: dict) -> None:
     except OSError as e:
         what = "executable file not found in $PATH" if isinstance(e, FileNotFoundError) else e.strerror
         _wrapper_fail(status_fd, f'exec: "{spec["argv"][0]}": {what}')
+
+
+def _image_view(paths: list[str]) -> None:
+    """A directory on the way to the image's files that others cannot enter (such as /root) becomes, in this mount
+    namespace, a tmpfs holding only those files: a non-root user reaches the image and nothing else under it."""
+    closed: dict[str, list[str]] = {}
+    for p in paths:
+        parts = Path(p).parts
+        top = next((str(Path(*parts[:i])) for i in range(2, len(parts) + 1)
+                    if not os.stat(Path(*parts[:i])).st_mode & 0o001), None)
+        if top and top != p:
+            closed.setdefault(top, []).append(p)
+    for top, inner in sorted(closed.items(), key=lambda kv: len(kv[0])):
+        fds = {p: os.open(p, os.O_RDONLY | os.O_DIRECTORY) for p in inner}  # still reachable once the tmpfs hides top
+        _mount("tmpfs", top, "tmpfs", 0, "mode=755")
+        for p, fd in fds.items():
+            os.makedirs(p, mode=0o755, exist_ok=True)
+            _mount(f"/proc/self/fd/{fd}", p, flags=MS_BIND | MS_REC)
+            os.close(fd)
+
+
+def _become(spec: dict) -> None:
+    """no_new_privs, then the groups and user of the securityContext; a non-root uid keeps no capabilities."""
+    if spec.get("no_new_privs"):
+        _check(_libc().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    if spec.get("uid") is None:
+        return
+    gid = spec["gid"] if spec.get("gid") is not None else spec["uid"]
+    os.setgroups(sorted({gid, *spec.get("groups", [])}))
+    os.setgid(gid)
+    os.setuid(spec["uid"])
+    if spec["uid"] and spec.get("env", {}).get("HOME") == "/root":
+        spec["env"]["HOME"] = "/"  # what a runtime gives a uid without a passwd entry in the image
 
 
 def _wrapper_fail(status_fd: int | None, msg: str) -> None:

@@ -29,12 +29,14 @@ from packaging.version import Version
 from referencing import Registry
 from referencing.jsonschema import DRAFT7
 
+from devcluster.cluster import SHARED_K8S
+
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 K8S_DIR = DEPLOY / "k8s"
 VALUES = DEPLOY / "helm" / "values.yaml"
 DOCKERFILE = DEPLOY / "Dockerfile"
-CHART = REPO.parent / "shared" / "k8s" / "dagster-helm"
+CHART = SHARED_K8S / "dagster-helm"
 SUBCHART = CHART / "charts" / "dagster-user-deployments"
 # Where the chart's schema points for Kubernetes types (kubernetesjsonschema.dev is not reachable here).
 K8S_DEFS_URL = "https://kubernetesjsonschema.dev/v1.18.0/_definitions.json"
@@ -193,7 +195,7 @@ def test_dockerfile_base_image_is_pinned_by_tag():
 def test_dockerfile_uv_matches_the_makefile():
     """The image's uv is the version `make setup` bootstraps, so the lock is read by the same resolver."""
     uv = [m for a in _instrs("COPY") for m in re.findall(r"--from=ghcr\.io/astral-sh/uv:(\S+)", a)]
-    make = re.search(r"^UV_VERSION\s*:?=\s*(\S+)", (REPO / "Makefile").read_text(), re.M)
+    make = re.search(r"^UV_VERSION\s*:?=\s*(\S+)", (REPO / "Makefile").read_text(), re.MULTILINE)
     assert uv and make and uv == [make.group(1)]
 
 

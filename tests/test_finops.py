@@ -320,11 +320,12 @@ def test_dagster_job_backfill_registers_seven_partitions(settings, codemind_home
     """`dagster job backfill` queues one run per day; the daemon (not running here) would launch them."""
     import dagster as dg
 
-    from codemind_dagster.instance import DAGSTER_YAML
+    from codemind_dagster.instance import dagster_yaml
+    from codemind_dagster.settings import Settings
 
     home = codemind_home / "dagster"
     home.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    (home / "dagster.yaml").write_text(dagster_yaml(Settings.from_env()))
     cmd = [str(Path(sys.executable).with_name("dagster")), "job", "backfill", "-m", "codemind_dagster.definitions", "-j", "cost_report_job", "--from", "2026-11-01",
            "--to", "2026-11-07", "--noprompt"]
     env = {**os.environ, "DAGSTER_HOME": str(home), "CODEMIND_HOME": str(codemind_home)}

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from devcluster import podrun
+from devcluster.nodeagent import default_image_map
 
 pytestmark = pytest.mark.k8s
 
@@ -480,6 +481,49 @@ def test_args_alone_are_the_command_as_with_an_image_without_entrypoint(core, ns
         {"name": "main", "image": IMAGE, "args": ["python", "-c", "import sys; print('args ran', sys.argv[1:])", "x"]}]}})
     wait(phase_is(core, ns, "argsonly", "Succeeded"), what="the args-only pod to succeed")
     assert logs(core, ns, "argsonly") == "args ran ['x']\n"
+
+
+def test_security_context_runs_the_process_as_its_user_without_privileges(core, ns):
+    """runAsUser/runAsGroup/fsGroup become the process's ids; allowPrivilegeEscalation: false sets no_new_privs."""
+    script = """
+        import os
+        status = dict(line.split(":\\t", 1) for line in open("/proc/self/status").read().splitlines() if ":\\t" in line)
+        open("/scratch/w", "w").write("ok")
+        print(os.getuid(), os.getgid(), sorted(os.getgroups()), status["NoNewPrivs"].strip(), status["CapEff"].strip())
+        try:
+            os.chown("/scratch/w", 0, 0)
+        except PermissionError:
+            print("chown refused")
+        try:
+            print(sorted(os.listdir("/root")))
+        except OSError:
+            print("/root unlisted")
+    """
+    pod = python_pod("asuser", script, securityContext={"allowPrivilegeEscalation": False,
+                                                        "capabilities": {"drop": ["ALL"]}},
+                     volumeMounts=[{"name": "scratch", "mountPath": "/scratch"}])
+    pod["spec"]["securityContext"] = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10002,
+                                      "fsGroup": 10003}
+    pod["spec"]["volumes"] = [{"name": "scratch", "emptyDir": {}}]
+    core.create_namespaced_pod(ns, pod)
+    wait(phase_is(core, ns, "asuser", "Succeeded"), what="the runAsUser pod to succeed")
+    # Where /root is closed (mode 0700, as here), the pod sees in it only the image's interpreter, not root's files.
+    home = sorted({Path(p).parts[2] for p in default_image_map()["codemind/"]["paths"] if Path(p).parts[1:2] == ("root",)})
+    out = logs(core, ns, "asuser").splitlines()
+    assert out[:2] == ["10001 10002 [10002, 10003] 1 0000000000000000", "chown refused"]
+    if os.stat("/root").st_mode & 0o001 == 0:
+        assert out[2] == str(home)
+
+
+def test_run_as_non_root_without_a_user_is_refused(core, ns):
+    """The mapped images run as root, so runAsNonRoot without runAsUser must not start, as with a root image."""
+    pod = python_pod("rootish", "print('ran')")
+    pod["spec"]["securityContext"] = {"runAsNonRoot": True}
+    core.create_namespaced_pod(ns, pod)
+    st = wait(lambda: cstatus(p := pod_json(core, ns, "rootish"))["state"].get("waiting", {}).get("reason")
+              == "CreateContainerConfigError" and cstatus(p), what="CreateContainerConfigError")
+    assert "runAsNonRoot and image will run as root" in st["state"]["waiting"]["message"]
+    assert pod_json(core, ns, "rootish")["status"]["phase"] == "Pending"
 
 
 # ---- bad input -----------------------------------------------------------------------------------

@@ -45,7 +45,10 @@ def backups_asset(context: dg.AssetExecutionContext, backups: BackupStoreResourc
 @dg.asset(
     group_name="platform", deps=[backups_asset], kinds={"python"}, owners=OWNERS,
     description="Restore drill of a backup (run tag codemind/backup, else the latest): restore into scratch, "
-                "verify schema, rows, sampled records and artifact checksums, and measure RPO and RTO.",
+                "verify schema, rows, sampled records and artifact checksums, and measure RPO and RTO. In the k8s "
+                "profile it also redeploys every live production release of the backup into the dr cluster, "
+                "probes each over the HTTP contract and tears them down, and creates Velero Backup/Restore "
+                "objects; RTO then covers restore, redeploys and probes.",
 )
 def dr_validation(context: dg.AssetExecutionContext, backups: BackupStoreResource) -> dg.MaterializeResult:
     from codemind_dagster.domain.dr import UnknownBackup, history_markdown
@@ -67,7 +70,9 @@ def dr_validation(context: dg.AssetExecutionContext, backups: BackupStoreResourc
     if not result.ok:
         # The drill is already recorded in dr_drills: a failed drill is history too.
         raise dg.Failure(description=f"DR drill of {result.backup} failed: {result.failure}", metadata=metadata)
-    context.log.info(f"drill of {result.backup} ok: RPO {result.rpo_s:.1f}s, RTO {result.rto_s:.2f}s")
+    redeployed = sum(1 for c in result.checks if c.name.startswith("dr_contract:"))
+    context.log.info(f"drill of {result.backup} ok: RPO {result.rpo_s:.1f}s, RTO {result.rto_s:.2f}s"
+                     + (f", {redeployed} release(s) served their contract in dr" if redeployed else ""))
     return dg.MaterializeResult(metadata=metadata)
 
 

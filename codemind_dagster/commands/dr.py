@@ -96,7 +96,7 @@ def dr() -> None:
 @click.option("--backup", "backup_id", metavar="ID", help="Backup to drill (default: the latest successful one).")
 @click.option("--json", "as_json", is_flag=True, help="Print the drill as JSON.")
 def validate(backup_id: str | None, as_json: bool) -> None:
-    """Restore a backup into scratch and verify it; exits 1 when the drill fails, 2 on a bad request."""
+    """Restore a backup into scratch and verify it (k8s: and redeploy production into dr); exit 1 failed, 2 bad request."""
     import dagster as dg
 
     from codemind_dagster.assets.dr import BACKUP_TAG, dr_validation

@@ -103,7 +103,7 @@ class UnknownBackup(LookupError):
 
 
 class BackupStore(Protocol):
-    """The interface a backup backend fills: local files here, Velero Backup/Restore in k8s."""
+    """The interface a backup backend fills: local files, plus recovery into the dr cluster in k8s."""
 
     def create(self) -> BackupManifest: ...
 
@@ -205,3 +205,70 @@ def history_markdown(rows: list[Mapping[str, Any]]) -> str:
         lines.append(f"| {r['id']} | {r['backup_id']} | {when} | {'✅' if r['ok'] else '❌'} | "
                      f"{r['rpo_s']:.1f} | {r['rto_s']:.3f} | {detail} |")
     return "\n".join(lines)
+
+
+# -- DR into a second cluster (k8s profile) --------------------------------------------------------
+
+VELERO_API = "velero.io/v1"
+# Velero phases after which nothing more happens; the failed ones mean the cluster state was not captured.
+VELERO_DONE = frozenset({"Completed"})
+VELERO_FAILED = frozenset({"Failed", "FailedValidation", "PartiallyFailed", "FinalizingPartiallyFailed",
+                           "WaitingForPluginOperationsPartiallyFailed"})
+
+
+def velero_name(backup_id: str, nonce: str) -> str:
+    """A DNS-1123 name for the Velero objects of one drill: backup ids carry upper case, drills repeat."""
+    base = "".join(ch if ch.isalnum() else "-" for ch in backup_id.lower()).strip("-")
+    return f"codemind-{base}"[:(63 - len(nonce) - 1)].rstrip("-") + f"-{nonce}"
+
+
+def velero_backup(name: str, namespace: str, included: str, labels: Mapping[str, str],
+                  backup_id: str) -> dict[str, Any]:
+    """A Velero Backup of the platform's production namespace."""
+    return {"apiVersion": VELERO_API, "kind": "Backup",
+            "metadata": {"name": name, "namespace": namespace, "labels": dict(labels),
+                         "annotations": {"codemind.dev/backup": backup_id}},
+            "spec": {"includedNamespaces": [included], "storageLocation": "default"}}
+
+
+def velero_restore(name: str, namespace: str, backup_name: str, source_ns: str, target_ns: str,
+                   labels: Mapping[str, str], backup_id: str) -> dict[str, Any]:
+    """A Velero Restore of that Backup, mapping the production namespace onto the DR one when they differ."""
+    spec: dict[str, Any] = {"backupName": backup_name, "includedNamespaces": [source_ns]}
+    if target_ns != source_ns:
+        spec["namespaceMapping"] = {source_ns: target_ns}
+    return {"apiVersion": VELERO_API, "kind": "Restore",
+            "metadata": {"name": name, "namespace": namespace, "labels": dict(labels),
+                         "annotations": {"codemind.dev/backup": backup_id}},
+            "spec": spec}
+
+
+def velero_verdict(kind: str, where: str, phase: str | None, waited_s: float) -> tuple[bool, str]:
+    """(ok, detail) of a Velero object the drill created; without a controller it stays informational."""
+    if not phase:
+        return True, (f"created {kind} {where}; no Velero controller answered within {waited_s:.1f}s; phase empty "
+                      "(informational: this check does not fail the drill)")
+    if phase in VELERO_FAILED:
+        return False, f"{kind} {where}: Velero reports phase {phase}"
+    if phase in VELERO_DONE:
+        return True, f"{kind} {where}: phase {phase} after {waited_s:.1f}s"
+    return True, f"{kind} {where}: phase {phase} after {waited_s:.1f}s, not finished (informational)"
+
+
+class DrRelease(BaseModel):
+    """A live production release as the restored backup records it: what the DR cluster must run."""
+
+    service: str
+    artifact: str
+    spec: dict[str, Any] | None = None  # the intent as recorded, for the contract probe's routes
+
+
+def contract_paths(spec: Mapping[str, Any] | None) -> list[str]:
+    """GET paths a release must answer beyond /healthz: the list route of every entity that has one."""
+    from codemind_dagster.domain.intent import parse_intent_text
+
+    if not spec:
+        return []
+    # JSON is YAML: the recorded intent goes through the same validation as a submitted one.
+    intent = parse_intent_text(json.dumps(spec), "<restored intent>")
+    return ["/" + e.collection for e in intent.spec.entities if "list" in e.operations]

@@ -24,6 +24,7 @@ INPUT_DIR = "/codemind/input"
 SCRATCH_DIR = "/codemind/scratch"
 CONFIGMAP_LIMIT = 1_000_000  # a ConfigMap holds at most 1 MiB; keep room for metadata
 RUN_LABEL = "codemind.dev/test-run"
+RUN_AS = 10001
 # The pod's own startup (interpreter, imports, Pipes handshake) on top of the tests' own time limit.
 POD_OVERHEAD_S = 120.0
 
@@ -35,8 +36,9 @@ class SandboxPodError(RuntimeError):
 def namespace_objects() -> list[dict[str, Any]]:
     """The sandbox namespace, its token-less ServiceAccount and the two deny-all NetworkPolicies."""
     meta = lambda name, **kw: {"name": name, "labels": dict(MANAGED_BY), **kw}
+    psa = {f"pod-security.kubernetes.io/{mode}": "restricted" for mode in ("enforce", "warn", "audit")}
     return [
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": meta(NAMESPACE)},
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE, "labels": {**MANAGED_BY, **psa}}},
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(SERVICE_ACCOUNT, namespace=NAMESPACE),
          "automountServiceAccountToken": False},
         *({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
@@ -52,10 +54,14 @@ def pod_spec(configmap: str, memory_mb: int) -> dict[str, Any]:
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "restartPolicy": "Never",
+        # The `restricted` Pod Security level the namespace enforces; the UID is the image's (deploy/Dockerfile).
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [{
             "name": "tests",
             "image": IMAGE,
             "workingDir": SCRATCH_DIR,
+            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
             "resources": {"limits": {"memory": f"{memory_mb + 256}Mi", "cpu": "1"},
                           "requests": {"memory": "256Mi", "cpu": "100m"}},
             "env": [{"name": "CODEMIND_TEST_INPUT", "value": f"{INPUT_DIR}/run.json"},
@@ -144,8 +150,7 @@ class KubeSandbox:
                 pod_wait_timeout=self.timeout_s * 3 + POD_OVERHEAD_S,
             )
         except Exception as e:
-            raise SandboxPodError(f"sandbox pod in {NAMESPACE} (context {self.context!r}) failed: "
-                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+            raise SandboxPodError(f"sandbox pod in {NAMESPACE} (context {self.context!r}) failed: {_why(e)}") from e
         return invocation.get_custom_messages()
 
     def _wait_gone(self, core, pod: str, timeout_s: float = 60.0) -> None:
@@ -163,6 +168,16 @@ class KubeSandbox:
             time.sleep(self.poll_s)
         raise SandboxPodError(f"pod {NAMESPACE}/{pod} of an earlier test round is still being deleted after "
                               f"{timeout_s:.0f} s")
+
+
+def _why(e: Exception) -> str:
+    """One line: the apiserver's own message for an API refusal, else the exception's first line."""
+    body = getattr(e, "body", None)
+    if getattr(e, "status", None) and body:
+        with contextlib.suppress(ValueError, TypeError):
+            return f"HTTP {e.status} {e.reason}: {json.loads(body).get('message', '')}".strip()
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 class KubeSandboxResource(TestSandboxResource):  # a TestSandboxResource, so test_results takes this one

@@ -55,6 +55,7 @@ def local_resources(s: Settings) -> dict[str, Any]:
 def k8s_resources(s: Settings) -> dict[str, Any]:
     """The local resources, with deploys, state and DR on the clusters of the kubeconfig."""
     from codemind_dagster.resources.clusters import ClusterMap
+    from codemind_dagster.resources.kube_dr import KubeBackupStoreResource
     from codemind_dagster.resources.kube_runtime import KubeRuntimeResource
     from codemind_dagster.resources.kube_sandbox import KubeSandboxResource
 
@@ -67,6 +68,12 @@ def k8s_resources(s: Settings) -> dict[str, Any]:
         root=str(s.sandbox_dir), timeout_s=s.sandbox_timeout_s, memory_mb=s.sandbox_memory_mb,
         coverage_threshold=s.coverage_threshold, repair_rounds=s.repair_rounds,
         kubeconfig_path=str(s.kubeconfig_path), context=sandbox_context)
+    # DR drills also recover production into the dr cluster.
+    res["backups"] = KubeBackupStoreResource(
+        database=res["database"], root=str(s.backups_dir), artifacts_root=str(s.artifacts_dir),
+        retention=s.backup_retention, kubeconfig_path=str(s.kubeconfig_path), k8s_contexts=s.k8s_contexts,
+        k8s_namespaces=s.k8s_namespaces, health_timeout_s=s.health_timeout_s,
+        keep_dr_releases=s.dr_keep_releases)
     res["runtime"] = KubeRuntimeResource(kubeconfig_path=str(s.kubeconfig_path), k8s_contexts=s.k8s_contexts,
                                          k8s_namespaces=s.k8s_namespaces, health_timeout_s=s.health_timeout_s)
     return res
