@@ -79,14 +79,14 @@ class Driver:
                       + (f": {error}" if error else ""))
         return RunOutcome(job_name, rr.partition_key, success, seconds, error)
 
-    def launch(self, job_name: str, rr: dg.RunRequest) -> tuple[bool, str | None]:
+    def launch(self, job_name: str, rr: dg.RunRequest, run_id: str | None = None) -> tuple[bool, str | None]:
         """Launch through the instance's K8sRunLauncher (`dagster job launch`) and wait for the run's end."""
         from codemind_dagster.instance import publish_instance_config
 
         if not self._published:
             publish_instance_config(self.settings)
             self._published = True
-        run_id = str(uuid.uuid4())
+        run_id = run_id or str(uuid.uuid4())
         tags = {**rr.tags, "dagster/partition": rr.partition_key} if rr.partition_key else dict(rr.tags)
         cmd = [str(Path(sys.executable).parent / "dagster"), "job", "launch", "-m", "codemind_dagster.definitions",
                "-j", job_name, "--run-id", run_id, "--tags", json.dumps(tags), "--config-json", json.dumps(QUIET)]
@@ -97,7 +97,7 @@ class Driver:
         if done.returncode != 0:
             said = (done.stderr.strip() or done.stdout.strip()).splitlines()[-3:]
             return False, f"`dagster job launch` failed: {' | '.join(said)}"
-        self.progress(f"{rr.partition_key}: run {run_id[:8]} is a Kubernetes Job (dagster-run-{run_id})")
+        self.progress(f"{rr.partition_key or job_name}: run {run_id[:8]} is a Kubernetes Job (dagster-run-{run_id})")
         return self._wait(run_id)
 
     def _wait(self, run_id: str) -> tuple[bool, str | None]:

@@ -22,7 +22,7 @@ POD_DAGSTER_HOME = "/opt/dagster/dagster_home"
 # What a run pod needs from the launching process's environment to build the same definitions.
 PASSED_ENV = ("CODEMIND_PROFILE", "CODEMIND_HOME", "CODEMIND_DATABASE_URL", "CODEMIND_KUBECONFIG",
               "CODEMIND_K8S_CONTEXTS", "CODEMIND_K8S_NAMESPACES", "CODEMIND_REDIS_URL", "CODEMIND_LLM_ROUTING",
-              "CODEMIND_HEALTH_TIMEOUT_S", PG_URL_ENV)
+              "CODEMIND_HEALTH_TIMEOUT_S", "CODEMIND_DR_KEEP_RELEASES", PG_URL_ENV)
 
 # What earlier versions wrote, without the marker: still ours.
 LEGACY = ("telemetry:\n  enabled: false\nnux:\n  enabled: false\nrun_coordinator:\n  module: dagster.core.run_coordinator\n"

@@ -285,7 +285,10 @@ def test_a_release_whose_bundle_does_not_start_fails_the_drill_naming_it(kube, p
 
 
 def test_cli_dr_validate_json_on_the_k8s_profile(kube, fresh_pg_url, tmp_path: Path):
-    """`codemind backup` then `codemind dr validate --json` as subprocesses on the k8s profile."""
+    """`codemind backup` then `codemind dr validate --json` on the k8s profile: the drill runs as a K8sRunLauncher Job."""
+    from kubernetes import client
+
+    from codemind_dagster.instance import RUN_NAMESPACE
     from codemind_dagster.resources.database import PlatformDB
 
     home = tmp_path / "home"
@@ -296,6 +299,8 @@ def test_cli_dr_validate_json_on_the_k8s_profile(kube, fresh_pg_url, tmp_path: P
            "CODEMIND_KUBECONFIG": str(kube.kubeconfig), "CODEMIND_DATABASE_URL": fresh_pg_url,
            "CODEMIND_HEALTH_TIMEOUT_S": "60"}
     env.pop("DAGSTER_PG_URL", None)
+
+    batch = client.BatchV1Api(kube.api())
 
     def codemind(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "codemind_dagster.cli", *args], capture_output=True, text=True,
@@ -311,8 +316,20 @@ def test_cli_dr_validate_json_on_the_k8s_profile(kube, fresh_pg_url, tmp_path: P
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         doc = json.loads(r.stdout)
         print(json.dumps(doc, indent=1)[:3000])
+        assert "dr_drill: run " in r.stderr and "is a Kubernetes Job" in r.stderr
+        # The run is over in the instance a moment before its pod exits and the Job controller counts it.
+        for job_name in ("backup_platform", "dr_drill"):
+            deadline = time.monotonic() + 60
+            while True:
+                [job] = batch.list_namespaced_job(RUN_NAMESPACE, label_selector=f"dagster/job={job_name}").items
+                if job.status.succeeded == 1 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            assert job.status.succeeded == 1, job.status
     finally:
         leftover(kube)
+        batch.delete_collection_namespaced_job(RUN_NAMESPACE, label_selector="dagster/job in (backup_platform,dr_drill)",
+                                               propagation_policy="Background")
     assert doc["backup"] == backup_id and doc["ok"] is True and doc["rpo_s"] > 0 and doc["rto_s"] > 0
     checks = {c["name"]: c for c in doc["checks"]}
     assert checks["dr_deploy:loyalty-points"]["ok"] and art[:12] in checks["dr_deploy:loyalty-points"]["detail"]

@@ -1,4 +1,4 @@
-"""`codemind backup` and `codemind dr validate`: backups and restore drills as runs on the local instance."""
+"""`codemind backup` and `codemind dr validate`: backups and restore drills as runs (k8s: Kubernetes Jobs)."""
 
 from __future__ import annotations
 
@@ -73,16 +73,20 @@ def backup() -> None:
     except RuntimeError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    instance = get_instance(s)
-    try:
-        result = dg.materialize([backups_asset], instance=instance, resources=resources, run_config=QUIET,
-                                raise_on_error=False, tags={"codemind/trigger": "cli"})
-    finally:
-        instance.dispose()
-    if not result.success:
-        click.echo(f"error: {'; '.join(_failure_messages(result))}", err=True)
+    tags = {"codemind/trigger": "cli"}
+    if s.profile == "k8s":
+        md, failures = _as_k8s_job(s, "backup_platform", tags)
+    else:
+        instance = get_instance(s)
+        try:
+            result = dg.materialize([backups_asset], instance=instance, resources=resources, run_config=QUIET,
+                                    raise_on_error=False, tags=tags)
+        finally:
+            instance.dispose()
+        md, failures = (_metadata_of(result, "backups"), []) if result.success else ({}, _failure_messages(result))
+    if failures or not md:
+        click.echo(f"error: {'; '.join(failures or ['the backup run recorded no backup'])}", err=True)
         sys.exit(1)
-    md = _metadata_of(result, "backups")
     click.echo(f"{md['id']}  {_human(md['size'])} ({md['size']} bytes): {md['tables']} tables, {md['rows']} rows, "
                f"{md['artifacts']} artifact files")
 
@@ -112,16 +116,21 @@ def validate(backup_id: str | None, as_json: bool) -> None:
     except (UnknownBackup, RuntimeError) as e:
         click.echo(f"error: {e.args[0] if e.args else e}", err=True)
         sys.exit(2)
-    instance = get_instance(s)
-    try:
-        run = dg.materialize([dr_validation], instance=instance, resources=resources, run_config=QUIET,
-                             raise_on_error=False, tags={BACKUP_TAG: target.id, "codemind/trigger": "cli"})
-    finally:
-        instance.dispose()
-    drill_id = _metadata_of(run, "dr_validation").get("drill_id")
+    tags = {BACKUP_TAG: target.id, "codemind/trigger": "cli"}
+    if s.profile == "k8s":
+        md, failures = _as_k8s_job(s, "dr_drill", tags)
+        drill_id = md.get("drill_id")
+    else:
+        instance = get_instance(s)
+        try:
+            run = dg.materialize([dr_validation], instance=instance, resources=resources, run_config=QUIET,
+                                 raise_on_error=False, tags=tags)
+        finally:
+            instance.dispose()
+        drill_id, failures = _metadata_of(run, "dr_validation").get("drill_id"), _failure_messages(run)
     drill = drill_by_id(store.db, drill_id) if drill_id is not None else None
     if drill is None:  # the run failed before a drill could be recorded
-        click.echo(f"error: {'; '.join(_failure_messages(run))}", err=True)
+        click.echo(f"error: {'; '.join(failures)}", err=True)
         sys.exit(1)
     if as_json:
         click.echo(json.dumps(drill.document(), indent=2))
@@ -129,6 +138,31 @@ def validate(backup_id: str | None, as_json: bool) -> None:
         _print_drill(drill)
     if not drill.ok:
         sys.exit(1)
+
+
+def _as_k8s_job(settings, job: str, tags: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """The job launched as a Kubernetes Job, as its schedule or sensor would: its asset's metadata, or why not."""
+    import uuid
+
+    import dagster as dg
+
+    from codemind_dagster.driver import Driver
+
+    driver = Driver(settings, progress=lambda msg: click.echo(msg, err=True))
+    run_id = str(uuid.uuid4())
+    try:
+        _, error = driver.launch(job, dg.RunRequest(tags=tags), run_id=run_id)
+        events = driver.instance.all_logs(run_id, of_type={dg.DagsterEventType.ASSET_MATERIALIZATION,
+                                                           dg.DagsterEventType.STEP_FAILURE})
+    finally:
+        driver.instance.dispose()
+    for e in events:
+        data = e.dagster_event.event_specific_data
+        if e.dagster_event.is_step_materialization:
+            return {k: v.value for k, v in data.materialization.metadata.items()}, []
+        if data.user_failure_data and data.user_failure_data.metadata:
+            return {k: v.value for k, v in data.user_failure_data.metadata.items()}, [error or "run failed"]
+    return {}, [error or "run failed"]
 
 
 def _print_drill(drill) -> None:
