@@ -62,10 +62,8 @@ def _settings():
 @click.command()
 def backup() -> None:
     """Back up the platform DB and artifact store now (a run of the `backups` asset, shown in the UI)."""
-    import dagster as dg
 
     from codemind_dagster.assets.dr import backups_asset
-    from codemind_dagster.instance import get_instance
 
     s = _settings()
     try:
@@ -73,17 +71,7 @@ def backup() -> None:
     except RuntimeError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    tags = {"codemind/trigger": "cli"}
-    if s.profile == "k8s":
-        md, failures = _as_k8s_job(s, "backup_platform", tags)
-    else:
-        instance = get_instance(s)
-        try:
-            result = dg.materialize([backups_asset], instance=instance, resources=resources, run_config=QUIET,
-                                    raise_on_error=False, tags=tags)
-        finally:
-            instance.dispose()
-        md, failures = (_metadata_of(result, "backups"), []) if result.success else ({}, _failure_messages(result))
+    md, failures = _run(s, "backup_platform", backups_asset, resources, {"codemind/trigger": "cli"})
     if failures or not md:
         click.echo(f"error: {'; '.join(failures or ['the backup run recorded no backup'])}", err=True)
         sys.exit(1)
@@ -101,11 +89,9 @@ def dr() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the drill as JSON.")
 def validate(backup_id: str | None, as_json: bool) -> None:
     """Restore a backup into scratch and verify it (k8s: and redeploy production into dr); exit 1 failed, 2 bad request."""
-    import dagster as dg
 
     from codemind_dagster.assets.dr import BACKUP_TAG, dr_validation
     from codemind_dagster.domain.dr import UnknownBackup
-    from codemind_dagster.instance import get_instance
     from codemind_dagster.resources.backups import drill_by_id
 
     s = _settings()
@@ -116,18 +102,8 @@ def validate(backup_id: str | None, as_json: bool) -> None:
     except (UnknownBackup, RuntimeError) as e:
         click.echo(f"error: {e.args[0] if e.args else e}", err=True)
         sys.exit(2)
-    tags = {BACKUP_TAG: target.id, "codemind/trigger": "cli"}
-    if s.profile == "k8s":
-        md, failures = _as_k8s_job(s, "dr_drill", tags)
-        drill_id = md.get("drill_id")
-    else:
-        instance = get_instance(s)
-        try:
-            run = dg.materialize([dr_validation], instance=instance, resources=resources, run_config=QUIET,
-                                 raise_on_error=False, tags=tags)
-        finally:
-            instance.dispose()
-        drill_id, failures = _metadata_of(run, "dr_validation").get("drill_id"), _failure_messages(run)
+    md, failures = _run(s, "dr_drill", dr_validation, resources, {BACKUP_TAG: target.id, "codemind/trigger": "cli"})
+    drill_id = md.get("drill_id")
     drill = drill_by_id(store.db, drill_id) if drill_id is not None else None
     if drill is None:  # the run failed before a drill could be recorded
         click.echo(f"error: {'; '.join(failures)}", err=True)
@@ -138,6 +114,23 @@ def validate(backup_id: str | None, as_json: bool) -> None:
         _print_drill(drill)
     if not drill.ok:
         sys.exit(1)
+
+
+def _run(settings, job: str, asset, resources: dict[str, Any], tags: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """The asset's run: in this process (local) or as its job's Kubernetes Job (k8s); its metadata and failures."""
+    import dagster as dg
+
+    from codemind_dagster.instance import get_instance
+
+    if settings.profile == "k8s":
+        return _as_k8s_job(settings, job, tags)
+    instance = get_instance(settings)
+    try:
+        run = dg.materialize([asset], instance=instance, resources=resources, run_config=QUIET, raise_on_error=False,
+                             tags=tags)
+    finally:
+        instance.dispose()
+    return _metadata_of(run, asset.key.to_user_string()), [] if run.success else _failure_messages(run)
 
 
 def _as_k8s_job(settings, job: str, tags: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
