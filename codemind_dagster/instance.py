@@ -20,8 +20,7 @@ INSTANCE_CONFIGMAP = "codemind-dagster-instance"
 RUN_SERVICE_ACCOUNT = "codemind-run-worker"
 POD_DAGSTER_HOME = "/opt/dagster/dagster_home"
 # What a run pod needs from the launching process's environment to build the same definitions.
-PASSED_ENV = ("CODEMIND_PROFILE", "CODEMIND_HOME", "CODEMIND_DATABASE_URL", "CODEMIND_KUBECONFIG",
-              "CODEMIND_K8S_CONTEXTS", "CODEMIND_K8S_NAMESPACES", "CODEMIND_REDIS_URL", "CODEMIND_LLM_ROUTING",
+PASSED_ENV = ("CODEMIND_PROFILE", "CODEMIND_DATABASE_URL", "CODEMIND_K8S_CONTEXTS", "CODEMIND_K8S_NAMESPACES", "CODEMIND_REDIS_URL", "CODEMIND_LLM_ROUTING",
               "CODEMIND_HEALTH_TIMEOUT_S", "CODEMIND_DR_KEEP_RELEASES", PG_URL_ENV)
 
 # What earlier versions wrote, without the marker: still ours.
@@ -67,8 +66,11 @@ def dagster_config(settings: Settings) -> dict:
             "image_pull_policy": "IfNotPresent",
             "instance_config_map": INSTANCE_CONFIGMAP,
             "dagster_home": POD_DAGSTER_HOME,
-            # By name: values (a DB password among them) are read from the launcher's env, never written here.
-            "env_vars": [n for n in PASSED_ENV if os.environ.get(n)],
+            # Paths by value, resolved here: a run pod starts in another working directory than the launcher.
+            # The rest by name: values (a DB password among them) are read from the launcher's env, never written here.
+            "env_vars": [f"CODEMIND_HOME={settings.home.resolve()}",
+                         f"CODEMIND_KUBECONFIG={settings.kubeconfig_path.resolve()}",
+                         *(n for n in PASSED_ENV if os.environ.get(n))],
             "labels": {"app.kubernetes.io/part-of": "codemind"},
         }},
     }

@@ -79,3 +79,20 @@ def test_dagster_tools_load_the_code_location(settings, tmp_path):
     out = subprocess.run([dagster, "definitions", "validate", "-m", "codemind_dagster.definitions"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_k8s_run_pods_get_absolute_paths_and_no_secret_values(tmp_path, monkeypatch):
+    """A run pod starts in another directory than the launcher: a relative home must reach it resolved."""
+    from codemind_dagster.instance import dagster_config
+    from codemind_dagster.settings import Settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CODEMIND_HOME", ".codemind")
+    monkeypatch.delenv("CODEMIND_KUBECONFIG", raising=False)
+    monkeypatch.setenv("CODEMIND_PROFILE", "k8s")
+    monkeypatch.setenv("CODEMIND_DATABASE_URL", "postgresql+psycopg2://u:s3cret-pw@127.0.0.1:1/x")
+    launcher = dagster_config(Settings.from_env())["run_launcher"]["config"]
+    env = launcher["env_vars"]
+    assert f"CODEMIND_HOME={tmp_path.resolve() / '.codemind'}" in env
+    assert f"CODEMIND_KUBECONFIG={tmp_path.resolve() / '.codemind' / 'kube' / 'config'}" in env
+    assert "CODEMIND_DATABASE_URL" in env and "s3cret-pw" not in json.dumps(launcher)

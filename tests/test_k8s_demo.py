@@ -34,9 +34,10 @@ spec:
 """
 
 
-def codemind(*args: str, env: dict) -> subprocess.CompletedProcess:
+def codemind(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    merged = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
     return subprocess.run([sys.executable, "-m", "codemind_dagster.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=900, check=False)
+                          env=merged, cwd=cwd, timeout=900, check=False)
 
 
 @pytest.mark.k8s
@@ -48,20 +49,23 @@ def test_demo_on_k8s_runs_jobs_and_serves_production_from_the_cluster(kube, fres
     from codemind_dagster.instance import PG_URL_ENV, RUN_NAMESPACE, dagster_pg_url
 
     database = fresh_pg_url
-    env = {"CODEMIND_PROFILE": "k8s", "CODEMIND_KUBECONFIG": str(kube.kubeconfig),
+    # As the README runs it: the default home, relative to the working directory, holds the kubeconfig.
+    (tmp_path / ".codemind" / "kube").mkdir(parents=True)
+    (tmp_path / ".codemind" / "kube" / "config").symlink_to(kube.kubeconfig)
+    env = {"CODEMIND_PROFILE": "k8s", "CODEMIND_HOME": None, "CODEMIND_KUBECONFIG": None, "DAGSTER_HOME": None,
            "CODEMIND_DATABASE_URL": database, "CODEMIND_HEALTH_TIMEOUT_S": "60"}
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     (inbox / "bike-share.yaml").write_text(NEVER_SEEN)
     batch = client.BatchV1Api(kube.api())
     try:
-        r = codemind("demo", "--intents", str(inbox), env=env)
+        r = codemind("demo", "--intents", str(inbox), env=env, cwd=tmp_path)
         print(r.stdout[-4000:])
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert r.stdout.count("is a Kubernetes Job") == 3 and "deploy to production ok" in r.stdout
 
         # The production URL is the Rollout's pod on this machine and honours the spec's contract.
-        [s] = json.loads(codemind("status", "--json", env=env).stdout)["intents"]
+        [s] = json.loads(codemind("status", "--json", env=env, cwd=tmp_path).stdout)["intents"]
         assert s["state"] == "live" and s["tests"]["passed"] > 0 and s["tests"]["failed"] == 0
         url = s["environments"]["production"]["url"]
         assert s["environments"]["production"]["healthy"] and url.startswith("http://127.77.")
@@ -84,6 +88,7 @@ def test_demo_on_k8s_runs_jobs_and_serves_production_from_the_cluster(kube, fres
         import dagster as dg
 
         monkeypatch.setenv(PG_URL_ENV, dagster_pg_url(database))
+        monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / ".codemind" / "dagster"))
         instance = dg.DagsterInstance.get()
         try:
             assert type(instance.run_storage).__name__ == "PostgresRunStorage"
@@ -101,12 +106,12 @@ def test_demo_on_k8s_runs_jobs_and_serves_production_from_the_cluster(kube, fres
             instance.dispose()
 
         # A cluster that does not answer does not keep the others running; `down` says what it could not reach.
-        partial = codemind("down", env={**env, "CODEMIND_K8S_CONTEXTS": '{"dr": "nowhere"}'})
+        partial = codemind("down", env={**env, "CODEMIND_K8S_CONTEXTS": '{"dr": "nowhere"}'}, cwd=tmp_path)
         assert partial.returncode == 1 and "Traceback" not in partial.stderr
         assert "stopped 2 workload(s)" in partial.stderr and "'nowhere'" in partial.stderr
         assert not client.AppsV1Api(kube.api()).list_namespaced_deployment(
             "codemind-dev", label_selector="app.kubernetes.io/name=bike-share").items
     finally:
-        down = codemind("down", env=env)
+        down = codemind("down", env=env, cwd=tmp_path)
         print(down.stdout, down.stderr)
         batch.delete_collection_namespaced_job(RUN_NAMESPACE, propagation_policy="Background")
