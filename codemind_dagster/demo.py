@@ -41,6 +41,9 @@ def run_demo(settings: Settings, intents_dir: Path, *, auto_approve: bool = True
             refused += 1
             console.print(f"[red]refused[/] {e}")
 
+    for name, error in store.retry_failed(submitted):
+        console.print(f"retrying {name}: its last pipeline failed ({error.splitlines()[0][:160]})")
+
     def approvals() -> bool:
         granted = False
         for state in release_states(db):

@@ -43,7 +43,7 @@ spec:
 
 def codemind(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "codemind_dagster.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=600)
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=600, check=False)
 
 
 def files_under(root: Path) -> set[Path]:
@@ -141,6 +141,26 @@ def test_demo_takes_unseen_intents_to_production(tmp_path: Path, codemind_home: 
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
     after = json.loads(codemind("status", "--json").stdout)["intents"][0]
     assert not after["environments"]["production"]["healthy"]
+
+
+@pytest.mark.slow
+def test_demo_retries_an_intent_whose_pipeline_failed(tmp_path: Path, codemind_home: Path, runtime_cleanup):
+    """A pipeline that failed (here: a sandbox time limit too short for the tests) runs again on the next demo."""
+    inbox = tmp_path / "mine"
+    inbox.mkdir()
+    (inbox / "plant-club.yaml").write_text(UNSEEN_INTENT)
+    first = codemind("demo", "--intents", str(inbox), env={"CODEMIND_SANDBOX_TIMEOUT_S": "0.05"})
+    assert first.returncode == 1 and "plant-club did not reach production" in first.stdout
+    [failed] = json.loads(codemind("status", "--json").stdout)["intents"]
+    assert failed["state"] == "failed" and failed["error"].startswith("test_results:")
+
+    again = codemind("demo", "--intents", str(inbox))
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "retrying plant-club: its last pipeline failed (test_results:" in again.stdout
+    [live] = json.loads(codemind("status", "--json").stdout)["intents"]
+    assert live["state"] == "live" and live["error"] is None
+    assert "retrying" not in codemind("demo", "--intents", str(inbox)).stdout  # a live intent is left alone
+    codemind("down")
 
 
 @pytest.mark.slow

@@ -109,6 +109,11 @@ class PlatformDB:
             c.execute(t.intents.update().where(t.intents.c.name == name).values(
                 requested_hash=spec_hash, requested_at=now()))
 
+    def clear_request(self, name: str) -> None:
+        """Forget that the current spec was requested, so the intent sensor asks for its pipeline again."""
+        with self.tx() as c:
+            c.execute(t.intents.update().where(t.intents.c.name == name).values(requested_hash=None))
+
     def set_intent_error(self, name: str, error: str | None) -> None:
         with self.tx() as c:
             c.execute(t.intents.update().where(t.intents.c.name == name).values(

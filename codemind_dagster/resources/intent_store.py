@@ -81,6 +81,17 @@ class IntentStore:
         return [(r.name, r.spec_hash) for r in self.db.intent_rows()
                 if r.requested_hash != r.spec_hash and Path(r.source).exists()]
 
+    def retry_failed(self, names: list[str]) -> list[tuple[str, str]]:
+        """Request again the pipeline of each named intent whose current spec failed before a release; (name, error)."""
+        retried = []
+        for r in self.db.intent_rows():
+            release = self.db.latest_release(r.name)
+            if (r.name in names and r.error and r.requested_hash == r.spec_hash
+                    and (release is None or release.spec_hash != r.spec_hash)):
+                self.db.clear_request(r.name)
+                retried.append((r.name, r.error))
+        return retried
+
     def load(self, name: str) -> Intent:
         row = self.db.intent_row(name)
         if row is None:
