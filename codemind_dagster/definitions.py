@@ -14,6 +14,7 @@ from codemind_dagster.assets.delivery import (
 from codemind_dagster.assets.deployments import deployment_assets
 from codemind_dagster.assets.finops import cost_report_job, finops_assets
 from codemind_dagster.assets.intake import business_intents, business_model
+from codemind_dagster.executors import executor_for
 from codemind_dagster.jobs import deliver_intent, deploy_jobs
 from codemind_dagster.resources.profiles import resources_for
 from codemind_dagster.sensors.budget import budget_sensor
@@ -38,9 +39,10 @@ def _finops() -> dg.Definitions:
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     """Every domain's definitions, with the resources of the active profile."""
     # Domain modules keep their defs as module attributes: one Definitions at module scope here.
+    s = settings or Settings.from_env()
     return dg.Definitions.merge(
         _delivery(), platform.defs, dr.defs, _finops(),
-        dg.Definitions(resources=resources_for(settings or Settings.from_env())),
+        dg.Definitions(resources=resources_for(s), executor=executor_for(s)),
     )
 
 

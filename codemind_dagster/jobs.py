@@ -18,12 +18,11 @@ def record_failure(context: dg.HookContext) -> None:
         context.resources.database.client().set_intent_error(intent, f"{context.step_key}: {msg}"[:2000])
 
 
-# Short chains run in-process: a subprocess per step would cost more than the step itself here.
+# The executor is the profile's (executors.py): in-process locally, a pod per step on k8s.
 deliver_intent = dg.define_asset_job(
     "deliver_intent",
     selection=dg.AssetSelection.groups("intake", "delivery"),
     partitions_def=intent_partitions,
-    executor_def=dg.in_process_executor,
     hooks={record_failure},
     description="Intent to release candidate: model, plan, code, tests and blocking checks.",
 )

@@ -54,6 +54,11 @@ def test_definitions_import_no_heavy_modules():
     assert out.stdout.strip() == ""
 
 
+def test_pipeline_steps_share_one_process_locally(settings):
+    """Locally a process per step would cost more than the steps (k8s: see the next tests)."""
+    assert build_definitions(settings).resolve_job_def("deliver_intent").executor_def.name == "in_process"
+
+
 def test_k8s_profile_refuses_sqlite(settings):
     """The k8s profile names the setting it needs instead of running on an embedded SQLite file."""
     import pytest
@@ -65,19 +70,20 @@ def test_k8s_profile_refuses_sqlite(settings):
 def test_k8s_profile_loads_fast_without_a_cluster(settings, tmp_path):
     """Definitions of the k8s profile load with no cluster up and without importing the kubernetes client."""
     code = ("import sys, codemind_dagster.definitions as d; "
-            "print(type(d.defs.resources['runtime']).__name__, 'kubernetes' in sys.modules)")
+            "print(type(d.defs.resources['runtime']).__name__, d.defs.resolve_job_def('deliver_intent').executor_def.name, "
+            "'kubernetes' in sys.modules)")
     env = {**os.environ, "CODEMIND_PROFILE": "k8s", "CODEMIND_DATABASE_URL": "postgresql+psycopg2://u@127.0.0.1:1/x",
            "CODEMIND_KUBECONFIG": str(tmp_path / "missing")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["KubeRuntimeResource", "False"]
+    assert out.stdout.split() == ["KubeRuntimeResource", "k8s_step_jobs", "False"]
 
 
 def test_dagster_tools_load_the_code_location(settings, tmp_path):
     dagster = str(Path(sys.executable).with_name("dagster"))
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
     out = subprocess.run([dagster, "definitions", "validate", "-m", "codemind_dagster.definitions"], env=env,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
 
 

@@ -1,4 +1,4 @@
-"""`codemind demo` on the k8s profile: every run a Job of K8sRunLauncher, the instance on PostgreSQL, tests in a pod.
+"""`codemind demo` on the k8s profile: runs and pipeline steps as Jobs, the instance on PostgreSQL, tests in a pod.
 
 On the session's real control plane; the production Rollout is walked by the Argo Rollouts stand-in
 (devcluster/rollouts_standin.py), since no Argo controller runs here.
@@ -76,9 +76,13 @@ def test_demo_on_k8s_runs_jobs_and_serves_production_from_the_cluster(kube, fres
         assert httpx.post(f"{url}/docks", json={"code": "x"}, timeout=5).status_code == 422
         assert httpx.delete(f"{url}/docks/{dock.json()['id']}", timeout=5).status_code == 409  # restrict
 
-        # Each run was a Job of K8sRunLauncher that succeeded; the releases are a Deployment and a Rollout.
-        jobs = batch.list_namespaced_job(RUN_NAMESPACE, label_selector="dagster/run-id").items
+        # Each run was a Job of K8sRunLauncher, and each step of the pipeline a Job of k8s_job_executor.
+        every = batch.list_namespaced_job(RUN_NAMESPACE, label_selector="dagster/run-id").items
+        jobs = [j for j in every if "dagster/op" not in j.metadata.labels]
+        step_jobs = {j.metadata.labels["dagster/op"]: j for j in every if "dagster/op" in j.metadata.labels}
         assert len(jobs) == 3 and all(j.status.succeeded == 1 for j in jobs)
+        assert all(j.status.succeeded == 1 and j.metadata.labels["dagster/job"] == "deliver_intent"
+                   for j in step_jobs.values())
         assert client.AppsV1Api(kube.api()).read_namespaced_deployment("bike-share", "codemind-dev")
         rollout = client.CustomObjectsApi(kube.api("production")).get_namespaced_custom_object(
             "argoproj.io", "v1alpha1", "codemind-production", "rollouts", "bike-share")
@@ -100,6 +104,8 @@ def test_demo_on_k8s_runs_jobs_and_serves_production_from_the_cluster(kube, fres
             steps = {e.dagster_event.step_key for e in instance.all_logs(
                 pipeline.run_id, of_type=dg.DagsterEventType.STEP_SUCCESS)}
             assert {"generated_code", "test_results", "release_candidate"} <= steps
+            assert set(step_jobs) == steps  # every step of the pipeline ran in a pod of its own
+            assert {j.metadata.labels["dagster/run-id"] for j in step_jobs.values()} == {pipeline.run_id}
             messages = [e.user_message for e in instance.all_logs(pipeline.run_id)]
             assert any("in pod dagster-" in m for m in messages), "no log line of the sandbox pod arrived"
         finally:

@@ -74,6 +74,8 @@ def k8s_resources(s: Settings) -> dict[str, Any]:
         retention=s.backup_retention, kubeconfig_path=str(s.kubeconfig_path), k8s_contexts=s.k8s_contexts,
         k8s_namespaces=s.k8s_namespaces, health_timeout_s=s.health_timeout_s,
         keep_dr_releases=s.dr_keep_releases)
+    # Each step of a run is its own pod: outputs pass through a store every pod reaches (S3 in a real cluster).
+    res["io_manager"] = dg.FilesystemIOManager(base_dir=str(s.home / "dagster" / "io"))
     res["runtime"] = KubeRuntimeResource(kubeconfig_path=str(s.kubeconfig_path), k8s_contexts=s.k8s_contexts,
                                          k8s_namespaces=s.k8s_namespaces, health_timeout_s=s.health_timeout_s)
     return res
