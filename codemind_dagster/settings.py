@@ -47,6 +47,15 @@ class Settings(BaseModel):
     kubeconfig: Path | None = None
     k8s_contexts: str | None = None
     k8s_namespaces: str | None = None
+    # Production stores, each used when configured (any profile); the embedded ones stay the default.
+    neo4j_url: str | None = None  # bolt://host:port; the password comes from CODEMIND_NEO4J_PASSWORD
+    neo4j_user: str = "neo4j"
+    s3_bucket: str | None = None  # artifacts in S3 instead of $CODEMIND_HOME/artifacts
+    s3_endpoint_url: str | None = None  # moto or another S3-compatible endpoint; None: AWS
+    aws_region: str = "us-east-1"
+    aws_secret_id: str | None = None  # a Secrets Manager secret (JSON) holding provider keys and the DB URL
+    aws_cost: bool = False  # add AWS Cost Explorer spend to cost_report
+    aws_budgets: str | None = None  # JSON environment -> daily AWS budget in USD
 
     @field_validator("public_ports", mode="before")
     @classmethod
@@ -88,6 +97,14 @@ class Settings(BaseModel):
             "kubeconfig": e.get("CODEMIND_KUBECONFIG"),
             "k8s_contexts": e.get("CODEMIND_K8S_CONTEXTS"),
             "k8s_namespaces": e.get("CODEMIND_K8S_NAMESPACES"),
+            "neo4j_url": e.get("CODEMIND_NEO4J_URL"),
+            "neo4j_user": e.get("CODEMIND_NEO4J_USER"),
+            "s3_bucket": e.get("CODEMIND_S3_BUCKET"),
+            "s3_endpoint_url": e.get("CODEMIND_S3_ENDPOINT_URL"),
+            "aws_region": e.get("CODEMIND_AWS_REGION"),
+            "aws_secret_id": e.get("CODEMIND_AWS_SECRET_ID"),
+            "aws_cost": e.get("CODEMIND_AWS_COST"),
+            "aws_budgets": e.get("CODEMIND_AWS_BUDGETS"),
         }
         s = cls.model_validate({k: v for k, v in raw.items() if v not in (None, "")})
         return s.model_copy(update={"home": s.home.expanduser().resolve()})

@@ -144,3 +144,40 @@ class KubeHome:
         from kubernetes import config
 
         return config.new_client_from_config(str(self.kubeconfig), context=context)
+
+
+def missing_component(what: str, setup: str) -> None:
+    """A real component is missing: a setup failure in CI, elsewhere a skip naming the command that sets it up."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} is missing (CI never skips it): {setup}")
+    pytest.skip(f"{what} is missing: {setup}")
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> str:
+    """moto's server on a free loopback port for the session: a real HTTP endpoint boto3 talks to unchanged."""
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        missing_component("moto's server (moto[server])", "make setup")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def aws(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """AWS SDK clients of this test reach moto's server with throwaway keys; its state is reset first."""
+    import httpx
+
+    httpx.post(f"{moto_endpoint}/moto-api/reset", timeout=10).raise_for_status()
+    for var, value in {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(var, value)
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    return moto_endpoint

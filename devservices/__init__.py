@@ -1,0 +1,1 @@
+"""Local stand-ins for production services the tests run for real (Neo4j from Maven Central)."""
