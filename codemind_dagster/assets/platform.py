@@ -8,6 +8,7 @@ import dagster as dg
 
 from codemind_dagster.domain.drift import Drift, ObservedService, compute_drift, drift_markdown
 from codemind_dagster.domain.intent import ENVIRONMENTS
+from codemind_dagster.resources.backends import Backends
 from codemind_dagster.resources.database import PlatformDB
 from codemind_dagster.resources.platform import DatabaseResource, RuntimeResource
 from codemind_dagster.resources.probes import DEFAULT_TIMEOUT_S, ProbeResource, probe_supporting
@@ -34,7 +35,7 @@ def _env_order(env: str) -> tuple[int, str]:
 
 
 def collect_state(db: PlatformDB, runtime: ObservableRuntime, redis_url: str | None,
-                  probe_timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+                  probe_timeout_s: float = DEFAULT_TIMEOUT_S, backends: Backends | None = None) -> dict[str, Any]:
     """The infrastructure_state document: environments, services, drift and supporting services."""
     desired = {key: row.artifact for key, row in db.live_deployments().items()}
     # A runtime on several clusters reports the environments it could not reach instead of failing.
@@ -58,7 +59,8 @@ def collect_state(db: PlatformDB, runtime: ObservableRuntime, redis_url: str | N
         "environments": environments,
         "services": services,
         "drift": [d.as_dict() for d in drift],
-        "supporting": probe_supporting(db, redis_url, probe_timeout_s),
+        "supporting": probe_supporting(db, redis_url, probe_timeout_s, backends),
+        "backends": (backends or Backends()).active(),
     }
     inventory = getattr(runtime, "inventory", None)
     if callable(inventory):
@@ -131,7 +133,8 @@ def _drift_md(doc: dict[str, Any]) -> str:
 )
 def infrastructure_state(context: dg.AssetExecutionContext, database: DatabaseResource,
                          runtime: RuntimeResource, probes: ProbeResource) -> Iterator[Any]:
-    doc = collect_state(database.client(), runtime.runtime(), probes.redis_url, probes.timeout_s)
+    doc = collect_state(database.client(), runtime.runtime(), probes.redis_url, probes.timeout_s,
+                        probes.backends())
     drift_md = _drift_md(doc)
     running = sum(e["running"] for e in doc["environments"])
     unhealthy = [p["name"] for p in doc["supporting"] if not p["healthy"]]

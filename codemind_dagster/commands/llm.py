@@ -40,6 +40,10 @@ def check(as_json: bool, routing: str | None) -> None:
             mark = "ok " if c["usable"] else "-- "
             click.echo(f"    {mark} {c['provider']}/{c['model']}  tier {c['tier']}  "
                        f"${c['blended_usd_per_mtok']:.3f}/MTok blended")
+    click.echo("backends (role, backend in force, whether it answers):")
+    for b in report["backends"]:
+        state = "-- " if b["healthy"] is None else ("ok " if b["healthy"] else "no ")
+        click.echo(f"  {state} {b['role']:<12} {b['backend']:<20} {b['detail']}")
     for w in report["warnings"]:
         click.echo(f"warning: {w}")
 
@@ -100,7 +104,23 @@ def collect(routing: str | None = None) -> dict[str, Any]:
             warnings.append(f"task {task!r} has no usable candidate in routing mode {mode!r}")
         routes[task] = entry
     return {"routing": mode, "providers": status, "routes": routes, "warnings": warnings,
-            "prices": {"version": prices.version, "date": prices.date, "models": len(prices.models)}}
+            "prices": {"version": prices.version, "date": prices.date, "models": len(prices.models)},
+            "backends": backend_report(settings)}
+
+
+def backend_report(settings) -> list[dict[str, Any]]:
+    """Each role's backend, probed when it is a production store (embedded ones answer with the DB)."""
+    from codemind_dagster.resources.backends import Backends, probe_backends
+    from codemind_dagster.resources.probes import DEFAULT_TIMEOUT_S
+
+    backends = Backends.from_settings(settings)
+    probes = {p["name"]: p for p in probe_backends(backends, DEFAULT_TIMEOUT_S)}
+    rows = []
+    for b in backends.active():
+        p = probes.get(b["role"])
+        rows.append({**b, "healthy": p["healthy"] if p and p.get("probed", True) else None,
+                     "detail": p["detail"] if p else f"{b['target']} (embedded default)"})
+    return rows
 
 
 def _task_tiers() -> dict[str, int]:

@@ -31,15 +31,12 @@ def state(as_json: bool) -> None:
 
 
 def _resources(settings) -> dict[str, Any]:
-    import dagster as dg
-
     from codemind_dagster.resources.probes import ProbeResource
     from codemind_dagster.resources.profiles import resources_for
 
     res = resources_for(settings)
     # EnvVar keeps a password in the URL out of the run's recorded resource config.
-    redis_url = dg.EnvVar("CODEMIND_REDIS_URL") if settings.redis_url else None
-    res.setdefault("probes", ProbeResource(redis_url=redis_url))
+    res.setdefault("probes", ProbeResource.from_settings(settings))
     return res
 
 
@@ -101,6 +98,13 @@ def print_state(doc: dict[str, Any]) -> None:
     for p in doc["supporting"]:
         support.add_row(p["name"], mark(p["healthy"]), f"{p['latency_ms']:.1f} ms", p["detail"])
     out.print(support)
+    if doc.get("backends"):
+        stores = Table(title="Backends")
+        for col in ("role", "backend", "target"):
+            stores.add_column(col)
+        for b in doc["backends"]:
+            stores.add_row(b["role"], b["backend"], b["target"])
+        out.print(stores)
     if "clusters" in doc:
         print_clusters(out, doc["clusters"])
 

@@ -1,4 +1,4 @@
-"""Health and latency of the services the platform depends on: platform DB, graph store, Redis."""
+"""Health and latency of the services the platform depends on: platform DB, graph store, Redis, stores."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import dagster as dg
 import sqlalchemy as sa
 
 from codemind_dagster.resources import tables as t
+from codemind_dagster.resources.backends import Backends, probe_backends
 from codemind_dagster.resources.database import PlatformDB
 
 DEFAULT_TIMEOUT_S = 1.0
@@ -78,16 +79,46 @@ def probe_redis(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any
     return _result("redis", True, started, f"{redis_display(url)}: PONG")
 
 
-def probe_supporting(db: PlatformDB, redis_url: str | None,
-                     timeout_s: float = DEFAULT_TIMEOUT_S) -> list[dict[str, Any]]:
-    probes = [probe_database(db), probe_graph_store(db)]
+def probe_supporting(db: PlatformDB, redis_url: str | None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                     backends: Backends | None = None) -> list[dict[str, Any]]:
+    stores = probe_backends(backends, timeout_s) if backends else []
+    graph = [] if any(p["name"] == "graph_store" for p in stores) else [probe_graph_store(db)]
+    probes = [probe_database(db), *graph]
     if redis_url:
         probes.append(probe_redis(redis_url, timeout_s))
-    return probes
+    return probes + stores
 
 
 class ProbeResource(dg.ConfigurableResource):
-    """Which optional supporting services to probe; Redis only when a URL is configured."""
+    """Which optional supporting services to probe: Redis and each production store only when configured."""
 
     redis_url: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
+    neo4j_url: str | None = None
+    neo4j_user: str = "neo4j"
+    neo4j_password: str | None = None  # through dg.EnvVar, so it never shows in the run's config
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = None
+    aws_region: str = "us-east-1"
+    aws_secret_id: str | None = None
+    aws_cost: bool = False
+
+    def backends(self) -> Backends:
+        from pydantic import SecretStr
+
+        return Backends(neo4j_url=self.neo4j_url, neo4j_user=self.neo4j_user,
+                        neo4j_password=SecretStr(self.neo4j_password) if self.neo4j_password else None,
+                        s3_bucket=self.s3_bucket, s3_endpoint_url=self.s3_endpoint_url,
+                        aws_region=self.aws_region, aws_secret_id=self.aws_secret_id, aws_cost=self.aws_cost)
+
+    @classmethod
+    def from_settings(cls, s) -> ProbeResource:
+        """Probes of what Settings configure; secrets stay EnvVar references."""
+        import os
+
+        return cls(redis_url=dg.EnvVar("CODEMIND_REDIS_URL") if s.redis_url else None,
+                   neo4j_url=s.neo4j_url, neo4j_user=s.neo4j_user,
+                   neo4j_password=dg.EnvVar("CODEMIND_NEO4J_PASSWORD")
+                   if s.neo4j_url and os.environ.get("CODEMIND_NEO4J_PASSWORD") else None,
+                   s3_bucket=s.s3_bucket, s3_endpoint_url=s.s3_endpoint_url, aws_region=s.aws_region,
+                   aws_secret_id=s.aws_secret_id, aws_cost=s.aws_cost)

@@ -1,0 +1,110 @@
+"""The one switch: which graph, artifact, secret and cost backend is active, and whether it answers."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import boto3
+import dagster as dg
+import pytest
+from click.testing import CliRunner
+
+from codemind_dagster.resources.backends import Backends, display_url, probe_backends
+from codemind_dagster.settings import Settings
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_defaults_are_the_embedded_stores():
+    rows = {r["role"]: r["backend"] for r in Backends.from_settings(Settings.from_env({}), env={}).active()}
+    assert rows == {"graph_store": "sql", "artifacts": "filesystem", "secrets": "environment",
+                    "cloud_cost": "none"}
+    assert probe_backends(Backends(), 0.5) == []
+
+
+def test_the_settings_select_each_backend_and_no_credential_is_shown():
+    env = {"CODEMIND_NEO4J_URL": "neo4j://alice:s3cret@graph.internal:7687", "CODEMIND_NEO4J_PASSWORD": "pw-77",
+           "CODEMIND_S3_BUCKET": "codemind-artifacts", "CODEMIND_AWS_SECRET_ID": "codemind/platform",
+           "CODEMIND_AWS_COST": "true", "CODEMIND_AWS_REGION": "eu-west-1"}
+    b = Backends.from_settings(Settings.from_env(env), env=env)
+    rows = {r["role"]: r for r in b.active()}
+    assert {r: rows[r]["backend"] for r in rows} == {"graph_store": "neo4j", "artifacts": "s3",
+                                                     "secrets": "aws-secrets-manager",
+                                                     "cloud_cost": "aws-cost-explorer"}
+    text = json.dumps(b.active()) + repr(b)
+    assert "s3cret" not in text and "pw-77" not in text and "alice" not in text
+    assert rows["graph_store"]["target"] == "neo4j://graph.internal:7687"
+    assert rows["secrets"]["target"] == "codemind/platform (eu-west-1)"
+    assert display_url("http://[bad") == "<unparseable url>" and display_url(None) == "-"
+
+
+@pytest.mark.aws
+def test_s3_and_secret_probes_answer_against_moto(aws):
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="codemind-probe")
+    boto3.client("secretsmanager").create_secret(Name="codemind/probe", SecretString='{"OPENAI_API_KEY": "sk-9"}')
+    b = Backends(s3_bucket="codemind-probe", s3_endpoint_url=aws, aws_secret_id="codemind/probe")
+    probes = {p["name"]: p for p in probe_backends(b, 2.0)}
+    assert probes["artifacts"]["healthy"] and probes["secrets"]["healthy"], probes
+    assert "sk-9" not in json.dumps(probes)
+
+
+@pytest.mark.aws
+def test_missing_bucket_and_secret_are_unhealthy_with_the_name(aws):
+    b = Backends(s3_bucket="codemind-absent", s3_endpoint_url=aws, aws_secret_id="codemind/absent")
+    probes = {p["name"]: p for p in probe_backends(b, 2.0)}
+    assert not probes["artifacts"]["healthy"] and "codemind-absent" in probes["artifacts"]["detail"]
+    assert not probes["secrets"]["healthy"] and "ResourceNotFound" in probes["secrets"]["detail"]
+
+
+def test_unreachable_stores_are_unhealthy_not_errors(monkeypatch):
+    port = _closed_port()
+    for var, value in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
+                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+        monkeypatch.setenv(var, value)
+    b = Backends(neo4j_url=f"bolt://127.0.0.1:{port}", s3_bucket="codemind-x",
+                 s3_endpoint_url=f"http://127.0.0.1:{port}", aws_secret_id="codemind/x", aws_cost=True)
+    probes = {p["name"]: p for p in probe_backends(b, 0.5)}
+    assert [n for n, p in probes.items() if not p["healthy"]] == ["graph_store", "artifacts", "secrets"]
+    assert f"127.0.0.1:{port}" in probes["graph_store"]["detail"]
+    assert probes["cloud_cost"]["probed"] is False  # a Cost Explorer request is billed: never a health probe
+
+
+@pytest.mark.aws
+def test_llm_check_reports_the_backends_in_force(aws, monkeypatch):
+    from codemind_dagster.cli import main
+
+    boto3.client("s3").create_bucket(Bucket="codemind-cli")
+    monkeypatch.setenv("CODEMIND_S3_BUCKET", "codemind-cli")
+    monkeypatch.setenv("CODEMIND_S3_ENDPOINT_URL", aws)
+    monkeypatch.setenv("CODEMIND_AWS_SECRET_ID", "codemind/none")
+    r = CliRunner().invoke(main, ["llm", "check", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = {b["role"]: b for b in json.loads(r.stdout)["backends"]}
+    assert rows["artifacts"]["backend"] == "s3" and rows["artifacts"]["healthy"] is True
+    assert rows["secrets"]["healthy"] is False and "codemind/none" in rows["secrets"]["detail"]
+    assert rows["graph_store"] == {"role": "graph_store", "backend": "sql", "target": "platform database",
+                                   "healthy": None, "detail": "platform database (embedded default)"}
+
+
+@pytest.mark.aws
+def test_infrastructure_state_lists_backends_and_probes_them(aws, settings):
+    from codemind_dagster.assets.platform import infrastructure_state
+    from codemind_dagster.resources.platform import DatabaseResource, RuntimeResource
+    from codemind_dagster.resources.probes import ProbeResource
+
+    boto3.client("s3").create_bucket(Bucket="codemind-state")
+    probes = ProbeResource(s3_bucket="codemind-state", s3_endpoint_url=aws)
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = dg.materialize([infrastructure_state], instance=instance, resources={
+            "database": DatabaseResource(url=settings.db_url), "probes": probes,
+            "runtime": RuntimeResource(root=str(settings.runtime_dir), health_timeout_s=5)})
+    doc = result.output_for_node("infrastructure_state")
+    assert [p["name"] for p in doc["supporting"]] == ["platform_db", "graph_store", "artifacts"]
+    assert all(p["healthy"] for p in doc["supporting"])
+    assert {b["role"]: b["backend"] for b in doc["backends"]}["artifacts"] == "s3"
