@@ -21,7 +21,11 @@ RUN_SERVICE_ACCOUNT = "codemind-run-worker"
 POD_DAGSTER_HOME = "/opt/dagster/dagster_home"
 # What a run pod needs from the launching process's environment to build the same definitions.
 PASSED_ENV = ("CODEMIND_PROFILE", "CODEMIND_DATABASE_URL", "CODEMIND_K8S_CONTEXTS", "CODEMIND_K8S_NAMESPACES", "CODEMIND_REDIS_URL", "CODEMIND_LLM_ROUTING",
-              "CODEMIND_HEALTH_TIMEOUT_S", "CODEMIND_DR_KEEP_RELEASES", PG_URL_ENV)
+              "CODEMIND_HEALTH_TIMEOUT_S", "CODEMIND_DR_KEEP_RELEASES", PG_URL_ENV,
+              # The production stores: each step pod resolves the same backends (and the secret) itself.
+              "CODEMIND_S3_BUCKET", "CODEMIND_S3_ENDPOINT_URL", "CODEMIND_AWS_REGION", "CODEMIND_AWS_SECRET_ID", "CODEMIND_AWS_COST",
+              "CODEMIND_AWS_BUDGETS", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
+              "AWS_SECRET_ACCESS_KEY")
 
 # What earlier versions wrote, without the marker: still ours.
 LEGACY = ("telemetry:\n  enabled: false\nnux:\n  enabled: false\nrun_coordinator:\n  module: dagster.core.run_coordinator\n"

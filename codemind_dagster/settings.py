@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +19,13 @@ def check_port_range(lo: int, hi: int) -> tuple[int, int]:
     if not 1024 <= lo <= hi <= 65535:
         raise ValueError(f"public ports {lo}-{hi}: expected a range within 1024-65535, low end first")
     return lo, hi
+
+
+@lru_cache(maxsize=4)
+def _database_url_from_secret(secret_id: str, region: str) -> str:
+    from codemind_dagster.resources.secrets import database_url_from_secret
+
+    return database_url_from_secret(secret_id, region_name=region).get_secret_value()
 
 
 class Settings(BaseModel):
@@ -48,8 +55,6 @@ class Settings(BaseModel):
     k8s_contexts: str | None = None
     k8s_namespaces: str | None = None
     # Production stores, each used when configured (any profile); the embedded ones stay the default.
-    neo4j_url: str | None = None  # bolt://host:port; the password comes from CODEMIND_NEO4J_PASSWORD
-    neo4j_user: str = "neo4j"
     s3_bucket: str | None = None  # artifacts in S3 instead of $CODEMIND_HOME/artifacts
     s3_endpoint_url: str | None = None  # moto or another S3-compatible endpoint; None: AWS
     aws_region: str = "us-east-1"
@@ -97,8 +102,6 @@ class Settings(BaseModel):
             "kubeconfig": e.get("CODEMIND_KUBECONFIG"),
             "k8s_contexts": e.get("CODEMIND_K8S_CONTEXTS"),
             "k8s_namespaces": e.get("CODEMIND_K8S_NAMESPACES"),
-            "neo4j_url": e.get("CODEMIND_NEO4J_URL"),
-            "neo4j_user": e.get("CODEMIND_NEO4J_USER"),
             "s3_bucket": e.get("CODEMIND_S3_BUCKET"),
             "s3_endpoint_url": e.get("CODEMIND_S3_ENDPOINT_URL"),
             "aws_region": e.get("CODEMIND_AWS_REGION"),
@@ -107,7 +110,11 @@ class Settings(BaseModel):
             "aws_budgets": e.get("CODEMIND_AWS_BUDGETS"),
         }
         s = cls.model_validate({k: v for k, v in raw.items() if v not in (None, "")})
-        return s.model_copy(update={"home": s.home.expanduser().resolve()})
+        update: dict[str, object] = {"home": s.home.expanduser().resolve()}
+        if s.profile == "k8s" and s.aws_secret_id and not s.database_url:
+            # The k8s profile's DB URL may live in Secrets Manager beside the provider keys.
+            update["database_url"] = _database_url_from_secret(s.aws_secret_id, s.aws_region)
+        return s.model_copy(update=update)
 
     @cached_property
     def db_url(self) -> str:

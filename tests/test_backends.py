@@ -21,24 +21,24 @@ def _closed_port() -> int:
 
 
 def test_defaults_are_the_embedded_stores():
-    rows = {r["role"]: r["backend"] for r in Backends.from_settings(Settings.from_env({}), env={}).active()}
+    rows = {r["role"]: r["backend"] for r in Backends.from_settings(Settings.from_env({})).active()}
     assert rows == {"graph_store": "sql", "artifacts": "filesystem", "secrets": "environment",
                     "cloud_cost": "none"}
     assert probe_backends(Backends(), 0.5) == []
 
 
 def test_the_settings_select_each_backend_and_no_credential_is_shown():
-    env = {"CODEMIND_NEO4J_URL": "neo4j://alice:s3cret@graph.internal:7687", "CODEMIND_NEO4J_PASSWORD": "pw-77",
+    env = {"CODEMIND_S3_ENDPOINT_URL": "https://alice:s3cret@s3.internal:9000", "CODEMIND_AWS_REGION": "eu-west-1",
            "CODEMIND_S3_BUCKET": "codemind-artifacts", "CODEMIND_AWS_SECRET_ID": "codemind/platform",
-           "CODEMIND_AWS_COST": "true", "CODEMIND_AWS_REGION": "eu-west-1"}
-    b = Backends.from_settings(Settings.from_env(env), env=env)
+           "CODEMIND_AWS_COST": "true"}
+    b = Backends.from_settings(Settings.from_env(env))
     rows = {r["role"]: r for r in b.active()}
-    assert {r: rows[r]["backend"] for r in rows} == {"graph_store": "neo4j", "artifacts": "s3",
+    assert {r: rows[r]["backend"] for r in rows} == {"graph_store": "sql", "artifacts": "s3",
                                                      "secrets": "aws-secrets-manager",
                                                      "cloud_cost": "aws-cost-explorer"}
     text = json.dumps(b.active()) + repr(b)
-    assert "s3cret" not in text and "pw-77" not in text and "alice" not in text
-    assert rows["graph_store"]["target"] == "neo4j://graph.internal:7687"
+    assert "s3cret" not in text and "alice" not in text
+    assert rows["artifacts"]["target"] == "s3://codemind-artifacts at https://s3.internal:9000"
     assert rows["secrets"]["target"] == "codemind/platform (eu-west-1)"
     assert display_url("http://[bad") == "<unparseable url>" and display_url(None) == "-"
 
@@ -67,11 +67,11 @@ def test_unreachable_stores_are_unhealthy_not_errors(monkeypatch):
     for var, value in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
                        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
         monkeypatch.setenv(var, value)
-    b = Backends(neo4j_url=f"bolt://127.0.0.1:{port}", s3_bucket="codemind-x",
+    b = Backends(s3_bucket="codemind-x",
                  s3_endpoint_url=f"http://127.0.0.1:{port}", aws_secret_id="codemind/x", aws_cost=True)
     probes = {p["name"]: p for p in probe_backends(b, 0.5)}
-    assert [n for n, p in probes.items() if not p["healthy"]] == ["graph_store", "artifacts", "secrets"]
-    assert f"127.0.0.1:{port}" in probes["graph_store"]["detail"]
+    assert [n for n, p in probes.items() if not p["healthy"]] == ["artifacts", "secrets"]
+    assert f"127.0.0.1:{port}" in probes["artifacts"]["detail"]
     assert probes["cloud_cost"]["probed"] is False  # a Cost Explorer request is billed: never a health probe
 
 
@@ -108,3 +108,34 @@ def test_infrastructure_state_lists_backends_and_probes_them(aws, settings):
     assert [p["name"] for p in doc["supporting"]] == ["platform_db", "graph_store", "artifacts"]
     assert all(p["healthy"] for p in doc["supporting"])
     assert {b["role"]: b["backend"] for b in doc["backends"]}["artifacts"] == "s3"
+
+
+def test_the_resolver_selects_the_configured_stores():
+    from codemind_dagster.resources.artifacts_s3 import S3ArtifactStoreResource
+    from codemind_dagster.resources.platform import ArtifactStoreResource, GraphStoreResource
+    from codemind_dagster.resources.profiles import resources_for
+
+    plain = resources_for(Settings.from_env({}))
+    assert type(plain["artifacts"]) is ArtifactStoreResource and type(plain["graph_store"]) is GraphStoreResource
+    env = {"CODEMIND_S3_BUCKET": "codemind-art", "CODEMIND_AWS_SECRET_ID": "codemind/keys", "CODEMIND_AWS_COST": "1"}
+    res = resources_for(Settings.from_env(env))
+    assert isinstance(res["artifacts"], S3ArtifactStoreResource) and res["artifacts"].bucket == "codemind-art"
+    assert res["aws_cost"].enabled and not plain["aws_cost"].enabled
+    assert res["llm"].secret_id == "codemind/keys"
+
+
+@pytest.mark.aws
+def test_the_k8s_profile_takes_its_database_url_from_the_secret(aws):
+    from codemind_dagster.resources.secrets import SecretError
+
+    url = "postgresql+psycopg2://app:pg-pass-5@db.internal:5432/codemind"
+    boto3.client("secretsmanager").create_secret(
+        Name="codemind/k8s-db", SecretString=json.dumps({"CODEMIND_DATABASE_URL": url}))
+    env = {"CODEMIND_PROFILE": "k8s", "CODEMIND_AWS_SECRET_ID": "codemind/k8s-db"}
+    assert Settings.from_env(env).db_url == url
+    # An explicit URL wins, and the local profile never fetches it (SQLite stays its default).
+    assert Settings.from_env({**env, "CODEMIND_DATABASE_URL": "postgresql://x@h/y"}).db_url == "postgresql://x@h/y"
+    assert Settings.from_env({**env, "CODEMIND_PROFILE": "local"}).db_url.startswith("sqlite:///")
+    boto3.client("secretsmanager").create_secret(Name="codemind/no-db", SecretString='{"OPENAI_API_KEY": "k"}')
+    with pytest.raises(SecretError, match="codemind/no-db.*has no CODEMIND_DATABASE_URL"):
+        Settings.from_env({**env, "CODEMIND_AWS_SECRET_ID": "codemind/no-db"})

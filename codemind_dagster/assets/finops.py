@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from codemind_dagster.domain import focus
 from codemind_dagster.resources import budget_alerts as ba
 from codemind_dagster.resources import tables as t
+from codemind_dagster.resources.aws_cost import AwsCostResource
 from codemind_dagster.resources.database import PlatformDB
 from codemind_dagster.resources.platform import DatabaseResource, ModelRouterResource, ReportsResource
 from codemind_dagster.sensors.budget import budget_sensor
@@ -110,6 +111,30 @@ def _budget_row(scope: str, day_spend: Decimal, spend: Decimal | None, budget: D
     return {"scope": scope, "day_spend_usd": float(day_spend),
             "spend_usd": float(spend) if spend is not None else None,
             "budget_usd": float(budget) if budget is not None else None, "percent": percent}
+
+
+def aws_scope(environment: str | None) -> str:
+    return f"aws:{environment}" if environment else "aws:(untagged)"
+
+
+def aws_budget_vs_actual(groups: Iterable[Mapping[str, Any]], budgets: Mapping[str, Decimal]) -> list[dict[str, Any]]:
+    """The day's AWS spend per environment tag against its daily budget; untagged spend has no budget."""
+    spend: dict[str | None, Decimal] = defaultdict(Decimal)
+    for g in groups:
+        spend[g["environment"]] += focus.dec(g["cost"])
+    rows = [_budget_row(aws_scope(env), spend.get(env, Decimal(0)), spend.get(env, Decimal(0)), budgets.get(env))
+            for env in sorted({e for e in spend if e is not None} | set(budgets))]
+    if None in spend:
+        rows.append(_budget_row(aws_scope(None), spend[None], spend[None], None))
+    return rows
+
+
+def aws_breakdown(groups: Iterable[Mapping[str, Any]], key: str) -> list[dict[str, Any]]:
+    """AWS spend per service or per environment, biggest first."""
+    acc: dict[str, Decimal] = defaultdict(Decimal)
+    for g in groups:
+        acc[g[key] if g[key] is not None else "(untagged)"] += focus.dec(g["cost"])
+    return [{key: k, "cost_usd": v} for k, v in sorted(acc.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
 # -- report ------------------------------------------------------------------------------------------------
@@ -215,8 +240,9 @@ USAGE_CHECKS = {
 }
 REPORT_CHECKS = {
     "one_currency": "The FOCUS export bills in exactly one currency, USD (GX on BillingCurrency).",
-    "totals_reconcile_with_ledger": "BilledCost of the FOCUS export sums to the ledger's own SUM(cost_usd) "
-                                    "for the day, within $0.000001 (GX on BilledCost).",
+    "totals_reconcile_with_ledger": "BilledCost of the FOCUS export's LLM rows sums to the ledger's own "
+                                    "SUM(cost_usd) for the day, within $0.000001 (GX on BilledCost); AWS rows, "
+                                    "when enabled, sum exactly to what Cost Explorer returned.",
 }
 
 
@@ -258,22 +284,48 @@ def llm_usage(context: dg.AssetExecutionContext, database: DatabaseResource):
     partitions_def=daily_partitions, group_name=GROUP, owners=OWNERS, kinds={"csv"},
     check_specs=[dg.AssetCheckSpec(n, asset="cost_report", blocking=True, description=d)
                  for n, d in REPORT_CHECKS.items()],
-    description="FinOps FOCUS 1.2 export of the day's LLM spend, one row per token SKU, at "
+    description="FinOps FOCUS 1.2 export of the day's LLM spend, one row per token SKU, and (when enabled) AWS "
+                "spend from Cost Explorer per service and environment tag, at "
                 "$CODEMIND_HOME/reports/focus/<date>.csv; spend and tokens by intent, task, provider and model; "
-                "budget vs actual per intent and for the day.",
+                "budget vs actual per intent, for the day and per AWS environment.",
 )
 def cost_report(context: dg.AssetExecutionContext, llm_usage: list[dict[str, Any]], database: DatabaseResource,
-                reports: ReportsResource, llm: ModelRouterResource):
+                reports: ReportsResource, llm: ModelRouterResource, aws_cost: AwsCostResource):
     day = _day(context)
     db = database.client()
-    rows = report_rows(llm_usage, day, billing_account_id=reports.billing_account_id,
-                       billing_account_name=reports.billing_account_name)
+    # Budgets are read before Cost Explorer is asked: a bad setting fails without a (billed) API call.
+    aws_budgets = aws_cost.budgets() if aws_cost.enabled else {}
+    aws_groups = aws_cost.day_costs(day) if aws_cost.enabled else []
+    account = {"billing_account_id": reports.billing_account_id,
+               "billing_account_name": reports.billing_account_name}
+    rows = report_rows(llm_usage, day, **account)
+    if aws_cost.enabled:
+        rows += focus.aws_rows(aws_groups, day=day, tag_key=aws_cost.tag_key, **account)
     path = reports.focus_path(day)
-    write_csv_atomic(path, focus.COLUMNS, rows)
+    write_csv_atomic(path, focus.CLOUD_COLUMNS if aws_cost.enabled else focus.COLUMNS, rows)
     billed = focus.total_billed(rows)
     budgets = budget_vs_actual(db, day, llm_usage, llm.daily_budget_usd)
+    aws_total = sum((g["cost"] for g in aws_groups), Decimal(0))
+    aws_meta: dict[str, Any] = {}
+    if aws_cost.enabled:
+        aws_budget_rows = aws_budget_vs_actual(aws_groups, aws_budgets)
+        budgets += aws_budget_rows
+        over = [b["scope"] for b in aws_budget_rows if b["percent"] is not None and b["percent"] >= 100]
+        aws_meta = {
+            "llm_cost_usd": float(billed - aws_total),
+            "aws_cost_usd": float(aws_total),
+            # Cost Explorer revises recent days; an estimated day is worth re-materializing later.
+            "aws_estimated": any(g["estimated"] for g in aws_groups),
+            "aws_over_budget": ", ".join(over) or "none",
+            "aws_by_service": dg.MetadataValue.md(md_table(aws_breakdown(aws_groups, "service"),
+                                                           ["service", "cost_usd"])),
+            "aws_by_environment": dg.MetadataValue.md(md_table(aws_breakdown(aws_groups, "environment"),
+                                                               ["environment", "cost_usd"])),
+        }
     summary = {"day": day.isoformat(), "path": str(path), "billed_cost_usd": float(billed),
                "focus_rows": len(rows), "budgets": budgets}
+    if aws_cost.enabled:
+        summary["aws_cost_usd"] = float(aws_total)
     yield dg.Output(summary, metadata={
         "path": dg.MetadataValue.path(str(path)),
         "billed_cost_usd": float(billed),
@@ -284,30 +336,40 @@ def cost_report(context: dg.AssetExecutionContext, llm_usage: list[dict[str, Any
            for k in ("intent", "task", "provider", "model")},
         "budget_vs_actual": dg.MetadataValue.md(md_table(
             budgets, ["scope", "day_spend_usd", "spend_usd", "budget_usd", "percent"])),
+        **aws_meta,
     })
     # The checks read the file as written and the ledger afresh, so neither trusts the code above.
     written = read_focus_csv(path)
     reference = float(ledger_total(db, day))
-    records = [{"BillingCurrency": r["BillingCurrency"], "BilledCost": float(r["BilledCost"] or "nan")}
+    llm_written = [r for r in written if not focus.is_aws_row(r)]
+    # AWS rows count 0 towards the ledger sum: they reconcile with Cost Explorer below, not with the ledger.
+    records = [{"BillingCurrency": r["BillingCurrency"],
+                "LedgerBilledCost": 0.0 if focus.is_aws_row(r) else float(r["BilledCost"] or "nan")}
                for r in written]
-    results = gx_validate(records, {"BillingCurrency": "object", "BilledCost": "float64"}, lambda gx: [
+    results = gx_validate(records, {"BillingCurrency": "object", "LedgerBilledCost": "float64"}, lambda gx: [
         gx.expectations.ExpectColumnUniqueValueCountToBeBetween(column="BillingCurrency", min_value=0, max_value=1),
         gx.expectations.ExpectColumnValuesToBeInSet(column="BillingCurrency", value_set=[focus.CURRENCY]),
-        gx.expectations.ExpectColumnSumToBeBetween(column="BilledCost", min_value=reference - TOLERANCE_USD,
+        gx.expectations.ExpectColumnSumToBeBetween(column="LedgerBilledCost", min_value=reference - TOLERANCE_USD,
                                                    max_value=reference + TOLERANCE_USD),
     ])
-    (one, r1), (usd, _), (sums, r3) = results
+    (one, r1), (usd, _), (llm_ok, r3) = results
+    aws_check: dict[str, Any] = {}
+    aws_ok = True
+    if aws_cost.enabled:
+        aws_written = sum((Decimal(r["BilledCost"] or 0) for r in written if focus.is_aws_row(r)), Decimal(0))
+        aws_ok = aws_written == aws_total
+        aws_check = {"aws_report_usd": float(aws_written), "aws_cost_explorer_usd": float(aws_total)}
     yield dg.AssetCheckResult(check_name="one_currency", passed=one and usd, metadata={
         "currencies": ", ".join(sorted({r["BillingCurrency"] for r in written})) or "none", **_gx_metadata(r1)})
-    yield dg.AssetCheckResult(check_name="totals_reconcile_with_ledger", passed=sums, metadata={
-        "report_usd": float(sum((Decimal(r["BilledCost"] or 0) for r in written), Decimal(0))),
-        "ledger_usd": reference, **_gx_metadata(r3)})
+    yield dg.AssetCheckResult(check_name="totals_reconcile_with_ledger", passed=llm_ok and aws_ok, metadata={
+        "report_usd": float(sum((Decimal(r["BilledCost"] or 0) for r in llm_written), Decimal(0))),
+        "ledger_usd": reference, **_gx_metadata(r3), **aws_check})
 
 
 @dg.asset(
     partitions_def=daily_partitions, group_name=GROUP, owners=OWNERS, kinds={"csv"},
-    description="Budget vs actual for the day and per intent, the budget alerts raised that day, and the "
-                "scopes whose LLM calls are refused now (at 100% of budget).",
+    description="Budget vs actual for the day, per intent and (when enabled) per AWS environment, the budget "
+                "alerts raised that day, and the scopes whose LLM calls are refused now (at 100% of budget).",
 )
 def budget_status(context: dg.AssetExecutionContext, cost_report: dict[str, Any], database: DatabaseResource,
                   reports: ReportsResource, llm: ModelRouterResource) -> dg.MaterializeResult:

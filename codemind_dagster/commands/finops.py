@@ -21,7 +21,7 @@ def finops_resources(settings: Settings) -> dict[str, Any]:
     from codemind_dagster.resources.profiles import resources_for
 
     res = resources_for(settings)
-    return {k: res[k] for k in ("database", "reports", "llm")}
+    return {k: res[k] for k in ("database", "reports", "llm", "aws_cost")}
 
 
 def _parse_day(value: str, flag: str) -> date:
@@ -63,7 +63,8 @@ def failure_reason(result) -> str:
 
 
 def _check_detail(evaluation) -> str:
-    keep = ("offending_groups", "report_usd", "ledger_usd", "currencies", "observed_value")
+    keep = ("offending_groups", "report_usd", "ledger_usd", "currencies", "observed_value",
+            "aws_report_usd", "aws_cost_explorer_usd")
     md = {k: v.value for k, v in evaluation.metadata.items() if k in keep}
     return ", ".join(f"{k}={v}" for k, v in md.items() if v not in ("none", None))
 

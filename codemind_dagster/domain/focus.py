@@ -1,7 +1,8 @@
-"""FinOps FOCUS 1.2 rows from aggregated LLM ledger rows: one row per token SKU, custom dimensions as x_ columns."""
+"""FinOps FOCUS 1.2 rows: LLM ledger aggregates (one row per token SKU, x_ columns) and AWS Cost Explorer groups."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -205,3 +206,78 @@ def focus_rows(
 
 def total_billed(rows: Iterable[Mapping[str, Any]]) -> Decimal:
     return sum((dec(r["BilledCost"]) for r in rows), Decimal(0))
+
+
+# -- AWS --------------------------------------------------------------------------------------------------
+AWS = "AWS"  # ProviderName, PublisherName and InvoiceIssuerName in AWS's own FOCUS export
+# FOCUS Tags (a JSON object) only appears when AWS rows do, so a report without them keeps its columns.
+CLOUD_COLUMNS: tuple[str, ...] = COLUMNS + ("Tags",)
+# Cost Explorer service name fragment -> FOCUS ServiceCategory; first match wins, anything else is Other.
+AWS_SERVICE_CATEGORIES: tuple[tuple[str, str], ...] = (
+    ("bedrock", "AI and Machine Learning"), ("sagemaker", "AI and Machine Learning"),
+    ("key management", "Security"), ("secrets manager", "Security"), ("guardduty", "Security"),
+    ("waf", "Security"), ("security hub", "Security"), ("shield", "Security"),
+    ("kubernetes", "Compute"), ("container", "Compute"), ("compute", "Compute"), ("ec2", "Compute"),
+    ("lambda", "Compute"), ("fargate", "Compute"),
+    ("storage", "Storage"), ("file system", "Storage"), ("backup", "Storage"), ("glacier", "Storage"),
+    ("database", "Databases"), ("dynamodb", "Databases"), ("elasticache", "Databases"),
+    ("virtual private cloud", "Networking"), ("vpc", "Networking"), ("cloudfront", "Networking"),
+    ("route 53", "Networking"), ("data transfer", "Networking"), ("load balancing", "Networking"),
+    ("cloudwatch", "Management and Governance"), ("cloudtrail", "Management and Governance"),
+    ("config", "Management and Governance"), ("systems manager", "Management and Governance"),
+)
+
+
+def aws_service_category(service: str) -> str:
+    s = service.lower()
+    return next((category for fragment, category in AWS_SERVICE_CATEGORIES if fragment in s), "Other")
+
+
+def aws_rows(
+    groups: Iterable[Mapping[str, Any]],
+    *,
+    day: date,
+    tag_key: str,
+    billing_account_id: str = "codemind",
+    billing_account_name: str = "CodeMind",
+) -> list[dict[str, Any]]:
+    """One FOCUS row per AWS service and environment tag value of a day, from Cost Explorer's UnblendedCost.
+
+    Cost Explorer sums usage types of different units per service, so there is no one pricing quantity:
+    PricingQuantity, PricingUnit and unit prices stay null rather than invented.
+    """
+    periods = {
+        "BillingPeriodStart": iso(month_bounds(day)[0]), "BillingPeriodEnd": iso(month_bounds(day)[1]),
+        "ChargePeriodStart": iso(day_bounds(day)[0]), "ChargePeriodEnd": iso(day_bounds(day)[1]),
+    }
+    rows: list[dict[str, Any]] = []
+    for g in groups:
+        service, env, cost = str(g["service"]), g.get("environment"), dec(g["cost"])
+        where = f"tagged {tag_key}={env}" if env else f"untagged (no {tag_key})"
+        rows.append({
+            **{c: None for c in CLOUD_COLUMNS},
+            "BilledCost": fmt(cost),
+            # UnblendedCost amortizes no commitments and Cost Explorer gives no list price here.
+            "EffectiveCost": fmt(cost),
+            "ListCost": fmt(cost),
+            "ContractedCost": fmt(cost),
+            "BillingCurrency": g.get("currency") or CURRENCY,
+            **periods,
+            "ChargeCategory": "Usage",
+            "ChargeDescription": f"{service} usage {where}, from AWS Cost Explorer (UnblendedCost)",
+            "ProviderName": AWS,
+            "PublisherName": AWS,
+            "InvoiceIssuerName": AWS,
+            "ServiceName": service,
+            "ServiceCategory": aws_service_category(service),
+            "BillingAccountId": billing_account_id,
+            "BillingAccountName": billing_account_name,
+            "ChargeFrequency": "Usage-Based",
+            "Tags": json.dumps({tag_key: env} if env else {}, sort_keys=True),
+        })
+    return rows
+
+
+def is_aws_row(row: Mapping[str, Any]) -> bool:
+    """A Cost Explorer row: provider AWS and no token type (Bedrock LLM rows keep theirs and stay LLM rows)."""
+    return row.get("ProviderName") == AWS and not row.get("x_TokenType")

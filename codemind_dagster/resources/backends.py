@@ -6,7 +6,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel
 
 from codemind_dagster.settings import Settings
 
@@ -17,9 +17,6 @@ COST_EXPLORER_NOT_PROBED = "enabled; not probed (each Cost Explorer request is b
 class Backends(BaseModel):
     """The production stores configured by Settings; None/False means the embedded default."""
 
-    neo4j_url: str | None = None
-    neo4j_user: str = "neo4j"
-    neo4j_password: SecretStr | None = None
     s3_bucket: str | None = None
     s3_endpoint_url: str | None = None
     aws_region: str = "us-east-1"
@@ -27,26 +24,20 @@ class Backends(BaseModel):
     aws_cost: bool = False
 
     @classmethod
-    def from_settings(cls, s: Settings, env: dict[str, str] | None = None) -> Backends:
-        import os
-
-        password = (os.environ if env is None else env).get("CODEMIND_NEO4J_PASSWORD")
-        return cls(neo4j_url=s.neo4j_url, neo4j_user=s.neo4j_user,
-                   neo4j_password=SecretStr(password) if password else None, s3_bucket=s.s3_bucket,
-                   s3_endpoint_url=s.s3_endpoint_url, aws_region=s.aws_region, aws_secret_id=s.aws_secret_id,
+    def from_settings(cls, s: Settings) -> Backends:
+        return cls(s3_bucket=s.s3_bucket, s3_endpoint_url=s.s3_endpoint_url, aws_region=s.aws_region, aws_secret_id=s.aws_secret_id,
                    aws_cost=s.aws_cost)
 
     def __repr_args__(self):
         # A URL may carry a user and password: repr() shows it as the status tables do.
         for k, v in super().__repr_args__():
-            yield k, display_url(v) if k in ("neo4j_url", "s3_endpoint_url") and v else v
+            yield k, display_url(v) if k == "s3_endpoint_url" and v else v
 
     def active(self) -> list[dict[str, str]]:
         """One row per role: the backend in force and where it points (never a credential)."""
         s3 = f"s3://{self.s3_bucket}" + (f" at {display_url(self.s3_endpoint_url)}" if self.s3_endpoint_url else "")
         return [
-            {"role": "graph_store", "backend": "neo4j" if self.neo4j_url else "sql",
-             "target": display_url(self.neo4j_url) if self.neo4j_url else "platform database"},
+            {"role": "graph_store", "backend": "sql", "target": "platform database"},
             {"role": "artifacts", "backend": "s3" if self.s3_bucket else "filesystem",
              "target": s3 if self.s3_bucket else "$CODEMIND_HOME/artifacts"},
             {"role": "secrets", "backend": "aws-secrets-manager" if self.aws_secret_id else "environment",
@@ -86,28 +77,12 @@ def _aws_client(service: str, b: Backends, timeout_s: float, endpoint_url: str |
     return boto3.client(service, region_name=b.aws_region, endpoint_url=endpoint_url, config=config)
 
 
-def probe_neo4j(b: Backends, timeout_s: float) -> dict[str, Any]:
-    """Bolt handshake and a `RETURN 1` with a short connection timeout."""
-    started = time.perf_counter()
-    where = display_url(b.neo4j_url)
-    try:
-        import neo4j
-
-        auth = (b.neo4j_user, b.neo4j_password.get_secret_value()) if b.neo4j_password else None
-        with neo4j.GraphDatabase.driver(b.neo4j_url, auth=auth, connection_timeout=timeout_s,
-                                        max_transaction_retry_time=0) as driver:
-            records, _, _ = driver.execute_query("MATCH (i:Intent) RETURN count(i) AS n")
-    except Exception as exc:  # noqa: BLE001 - a probe reports, it never raises
-        return _result("graph_store", False, started, f"neo4j {where}: {_error(exc)}")
-    return _result("graph_store", True, started, f"neo4j {where}: {records[0]['n']} intent graph(s)")
-
-
 def probe_s3(b: Backends, timeout_s: float) -> dict[str, Any]:
     """HEAD of the artifact bucket."""
     started = time.perf_counter()
     try:
         _aws_client("s3", b, timeout_s, b.s3_endpoint_url).head_bucket(Bucket=b.s3_bucket)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - a probe reports, it never raises
         return _result("artifacts", False, started, f"s3://{b.s3_bucket}: {_error(exc)}")
     return _result("artifacts", True, started, f"s3://{b.s3_bucket}: bucket answers")
 
@@ -125,10 +100,8 @@ def probe_secret(b: Backends, timeout_s: float) -> dict[str, Any]:
 
 
 def probe_backends(b: Backends, timeout_s: float) -> list[dict[str, Any]]:
-    """Probes of the configured production stores (the graph one only when Neo4j replaces SQL)."""
+    """Probes of the configured production stores."""
     probes = []
-    if b.neo4j_url:
-        probes.append(probe_neo4j(b, timeout_s))
     if b.s3_bucket:
         probes.append(probe_s3(b, timeout_s))
     if b.aws_secret_id:

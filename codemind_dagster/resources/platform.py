@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import dagster as dg
+from pydantic import PrivateAttr, SecretStr
 
 from codemind_dagster.resources.database import PlatformDB
 from codemind_dagster.settings import PUBLIC_PORTS
@@ -101,11 +102,29 @@ class ModelRouterResource(dg.ConfigurableResource):
     routing: str = "offline"
     routes_json: str | None = None
     redis_url: str | None = None
+    # A Secrets Manager secret (JSON) holding the provider keys; None: keys come from env vars.
+    secret_id: str | None = None
+    secret_region: str | None = None
+    secret_endpoint_url: str | None = None
+    _secret: dict[str, SecretStr] | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # Resolved at resource init (once per run in process, once per step's pod): a bad secret fails there.
+        self.provider_secret()
+
+    def provider_secret(self) -> dict[str, SecretStr] | None:
+        """The configured secret's values (fetched once per resource instance), or None without a secret id."""
+        if self.secret_id and self._secret is None:
+            from codemind_dagster.resources.secrets import fetch_secret
+
+            self._secret = fetch_secret(self.secret_id, region_name=self.secret_region,
+                                        endpoint_url=self.secret_endpoint_url)
+        return self._secret
 
     def router(self) -> ModelRouter:
         from codemind_dagster.resources.llm.router import ModelRouter
 
-        routes, cache = None, None
+        routes, cache, providers = None, None, None
         if self.routes_json:
             from codemind_dagster.resources.llm.routes_config import parse_routes
 
@@ -114,8 +133,14 @@ class ModelRouterResource(dg.ConfigurableResource):
             from codemind_dagster.resources.llm.cache import RedisResponseCache
 
             cache = RedisResponseCache(self.redis_url)
+        secret = self.provider_secret()
+        if secret is not None:
+            from codemind_dagster.resources.llm.config import ProviderConfig, build_providers
+
+            providers = build_providers(ProviderConfig.from_env(secret=secret))
         return ModelRouter(db=self.database.client(), routing=self.routing, routes=routes, cache=cache,
-                           daily_budget_usd=self.daily_budget_usd, run_budget_usd=self.run_budget_usd)
+                           providers=providers, daily_budget_usd=self.daily_budget_usd,
+                           run_budget_usd=self.run_budget_usd)
 
 
 class TestSandboxResource(dg.ConfigurableResource):

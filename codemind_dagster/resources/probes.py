@@ -94,9 +94,6 @@ class ProbeResource(dg.ConfigurableResource):
 
     redis_url: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
-    neo4j_url: str | None = None
-    neo4j_user: str = "neo4j"
-    neo4j_password: str | None = None  # through dg.EnvVar, so it never shows in the run's config
     s3_bucket: str | None = None
     s3_endpoint_url: str | None = None
     aws_region: str = "us-east-1"
@@ -104,21 +101,11 @@ class ProbeResource(dg.ConfigurableResource):
     aws_cost: bool = False
 
     def backends(self) -> Backends:
-        from pydantic import SecretStr
-
-        return Backends(neo4j_url=self.neo4j_url, neo4j_user=self.neo4j_user,
-                        neo4j_password=SecretStr(self.neo4j_password) if self.neo4j_password else None,
-                        s3_bucket=self.s3_bucket, s3_endpoint_url=self.s3_endpoint_url,
+        return Backends(s3_bucket=self.s3_bucket, s3_endpoint_url=self.s3_endpoint_url,
                         aws_region=self.aws_region, aws_secret_id=self.aws_secret_id, aws_cost=self.aws_cost)
 
     @classmethod
     def from_settings(cls, s) -> ProbeResource:
         """Probes of what Settings configure; secrets stay EnvVar references."""
-        import os
-
-        return cls(redis_url=dg.EnvVar("CODEMIND_REDIS_URL") if s.redis_url else None,
-                   neo4j_url=s.neo4j_url, neo4j_user=s.neo4j_user,
-                   neo4j_password=dg.EnvVar("CODEMIND_NEO4J_PASSWORD")
-                   if s.neo4j_url and os.environ.get("CODEMIND_NEO4J_PASSWORD") else None,
-                   s3_bucket=s.s3_bucket, s3_endpoint_url=s.s3_endpoint_url, aws_region=s.aws_region,
-                   aws_secret_id=s.aws_secret_id, aws_cost=s.aws_cost)
+        return cls(redis_url=dg.EnvVar("CODEMIND_REDIS_URL") if s.redis_url else None, s3_bucket=s.s3_bucket,
+                   s3_endpoint_url=s.s3_endpoint_url, aws_region=s.aws_region, aws_secret_id=s.aws_secret_id, aws_cost=s.aws_cost)

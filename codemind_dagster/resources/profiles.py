@@ -6,6 +6,7 @@ from typing import Any
 
 import dagster as dg
 
+from codemind_dagster.resources.aws_cost import AwsCostResource
 from codemind_dagster.resources.backups import BackupStoreResource
 from codemind_dagster.resources.platform import (
     ArtifactStoreResource,
@@ -29,14 +30,15 @@ K8S_NEEDS_POSTGRES = (
 
 def local_resources(s: Settings) -> dict[str, Any]:
     db = DatabaseResource(url=s.db_url)
-    return {
+    res = {
         "database": db,
         "intent_store": IntentStoreResource(database=db, directory=str(s.intents_dir)),
         "artifacts": ArtifactStoreResource(root=str(s.artifacts_dir)),
         "graph_store": GraphStoreResource(database=db),
         "llm": ModelRouterResource(database=db, daily_budget_usd=s.daily_llm_budget_usd,
                                    run_budget_usd=s.run_llm_budget_usd, routing=s.llm_routing,
-                                   routes_json=s.llm_routes,
+                                   routes_json=s.llm_routes, secret_id=s.aws_secret_id,
+                                   secret_region=s.aws_region if s.aws_secret_id else None,
                                    redis_url=dg.EnvVar("CODEMIND_REDIS_URL") if s.redis_url else None),
         "sandbox": TestSandboxResource(root=str(s.sandbox_dir), timeout_s=s.sandbox_timeout_s,
                                        memory_mb=s.sandbox_memory_mb, coverage_threshold=s.coverage_threshold,
@@ -44,12 +46,24 @@ def local_resources(s: Settings) -> dict[str, Any]:
         "runtime": RuntimeResource(root=str(s.runtime_dir), health_timeout_s=s.health_timeout_s,
                                    public_port_low=s.public_ports[0], public_port_high=s.public_ports[1]),
         "promotion_policy": PromotionPolicyResource(dr_max_validation_age_s=s.dr_max_validation_age_s),
-        # Through EnvVar, so a password in the URL never shows in the UI's resource config.
         "reports": ReportsResource(root=str(s.reports_dir)),
         "backups": BackupStoreResource(database=db, root=str(s.backups_dir), artifacts_root=str(s.artifacts_dir),
                                        retention=s.backup_retention),
-        "probes": ProbeResource(redis_url=dg.EnvVar("CODEMIND_REDIS_URL") if s.redis_url else None),
+        "probes": ProbeResource.from_settings(s),
+        "aws_cost": AwsCostResource(enabled=s.aws_cost, region_name=s.aws_region, budgets_json=s.aws_budgets),
     }
+    return {**res, **store_resources(s)}
+
+
+def store_resources(s: Settings) -> dict[str, Any]:
+    """The production stores Settings configure, over the embedded ones (any profile)."""
+    res: dict[str, Any] = {}
+    if s.s3_bucket:
+        from codemind_dagster.resources.artifacts_s3 import S3ArtifactStoreResource
+
+        res["artifacts"] = S3ArtifactStoreResource(bucket=s.s3_bucket, endpoint_url=s.s3_endpoint_url,
+                                                   region_name=s.aws_region, cache_root=str(s.artifacts_dir))
+    return res
 
 
 def k8s_resources(s: Settings) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Provider credentials and endpoints from the environment, and the providers built from them."""
+"""Provider credentials and endpoints from the environment (or one secret), and the providers built from them."""
 
 from __future__ import annotations
 
@@ -55,14 +55,23 @@ class ProviderConfig(BaseModel):
     timeout_s: float = Field(default=120.0, gt=0)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> ProviderConfig:
+    def from_env(cls, env: Mapping[str, str] | None = None, *,
+                 secret: Mapping[str, SecretStr] | None = None) -> ProviderConfig:
+        """From env vars; with `secret` (keys named like the env vars) credentials come from it alone."""
         e = os.environ if env is None else env
+        revealed = {k: v.get_secret_value() for k, v in (secret or {}).items()}
         raw = {}
         for fld, names in ENV.items():
-            value = next((e[n] for n in names if e.get(n, "").strip()), None)
+            # A stale key left in the environment must not stand in for one the secret lacks.
+            sources = (revealed,) if secret is not None and fld in CREDENTIALS else (revealed, e)
+            value = next((s[n] for s in sources for n in names if (s.get(n) or "").strip()), None)
             if value is not None:
                 raw[fld] = value.strip()
         return cls.model_validate(raw)
+
+
+# The fields a configured secret alone supplies; endpoints, regions and timeouts may still come from env vars.
+CREDENTIALS = frozenset(f for f, info in ProviderConfig.model_fields.items() if info.annotation == SecretStr | None)
 
 
 def build_providers(config: ProviderConfig | None = None) -> dict[str, Provider]:
