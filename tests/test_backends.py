@@ -10,7 +10,8 @@ import dagster as dg
 import pytest
 from click.testing import CliRunner
 
-from codemind_dagster.resources.backends import Backends, display_url, probe_backends
+from codemind_dagster.resources.backends import Backends, display_url
+from codemind_dagster.resources.probes import probe_backends
 from codemind_dagster.settings import Settings
 
 

@@ -110,8 +110,8 @@ def collect(routing: str | None = None) -> dict[str, Any]:
 
 def backend_report(settings) -> list[dict[str, Any]]:
     """Each role's backend, probed when it is a production store (embedded ones answer with the DB)."""
-    from codemind_dagster.resources.backends import Backends, probe_backends
-    from codemind_dagster.resources.probes import DEFAULT_TIMEOUT_S
+    from codemind_dagster.resources.backends import Backends
+    from codemind_dagster.resources.probes import DEFAULT_TIMEOUT_S, probe_backends
 
     backends = Backends.from_settings(settings)
     probes = {p["name"]: p for p in probe_backends(backends, DEFAULT_TIMEOUT_S)}

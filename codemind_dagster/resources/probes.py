@@ -10,10 +10,12 @@ import dagster as dg
 import sqlalchemy as sa
 
 from codemind_dagster.resources import tables as t
-from codemind_dagster.resources.backends import Backends, probe_backends
+from codemind_dagster.resources.backends import Backends
 from codemind_dagster.resources.database import PlatformDB
 
 DEFAULT_TIMEOUT_S = 1.0
+# Every Cost Explorer request is billed (USD 0.01 on AWS), so a health probe never calls it.
+COST_EXPLORER_NOT_PROBED = "enabled; not probed (each Cost Explorer request is billed)"
 
 
 def _result(name: str, healthy: bool, started: float, detail: str) -> dict[str, Any]:
@@ -79,6 +81,49 @@ def probe_redis(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any
     return _result("redis", True, started, f"{redis_display(url)}: PONG")
 
 
+def _aws_client(service: str, b: Backends, timeout_s: float, endpoint_url: str | None = None):
+    import boto3
+    from botocore.config import Config
+
+    config = Config(connect_timeout=timeout_s, read_timeout=timeout_s, retries={"max_attempts": 1})
+    return boto3.client(service, region_name=b.aws_region, endpoint_url=endpoint_url, config=config)
+
+
+def probe_s3(b: Backends, timeout_s: float) -> dict[str, Any]:
+    """HEAD of the artifact bucket."""
+    started = time.perf_counter()
+    try:
+        _aws_client("s3", b, timeout_s, b.s3_endpoint_url).head_bucket(Bucket=b.s3_bucket)
+    except Exception as exc:  # noqa: BLE001 - a probe reports, it never raises
+        return _result("artifacts", False, started, f"s3://{b.s3_bucket}: {_error(exc)}")
+    return _result("artifacts", True, started, f"s3://{b.s3_bucket}: bucket answers")
+
+
+def probe_secret(b: Backends, timeout_s: float) -> dict[str, Any]:
+    """DescribeSecret: proves the secret exists and is readable by name without fetching its value."""
+    started = time.perf_counter()
+    try:
+        meta = _aws_client("secretsmanager", b, timeout_s).describe_secret(SecretId=b.aws_secret_id)
+    except Exception as exc:  # noqa: BLE001
+        return _result("secrets", False, started, f"secret {b.aws_secret_id}: {_error(exc)}")
+    changed = meta.get("LastChangedDate")
+    return _result("secrets", True, started, f"secret {b.aws_secret_id}: exists"
+                   + (f", changed {changed:%Y-%m-%d}" if changed else ""))
+
+
+def probe_backends(b: Backends, timeout_s: float) -> list[dict[str, Any]]:
+    """Probes of the configured production stores."""
+    probes = []
+    if b.s3_bucket:
+        probes.append(probe_s3(b, timeout_s))
+    if b.aws_secret_id:
+        probes.append(probe_secret(b, timeout_s))
+    if b.aws_cost:
+        probes.append({"name": "cloud_cost", "healthy": True, "probed": False, "latency_ms": 0.0,
+                       "detail": f"aws cost explorer ({b.aws_region}): {COST_EXPLORER_NOT_PROBED}"})
+    return probes
+
+
 def probe_supporting(db: PlatformDB, redis_url: str | None, timeout_s: float = DEFAULT_TIMEOUT_S,
                      backends: Backends | None = None) -> list[dict[str, Any]]:
     stores = probe_backends(backends, timeout_s) if backends else []
@@ -101,11 +146,10 @@ class ProbeResource(dg.ConfigurableResource):
     aws_cost: bool = False
 
     def backends(self) -> Backends:
-        return Backends(s3_bucket=self.s3_bucket, s3_endpoint_url=self.s3_endpoint_url,
-                        aws_region=self.aws_region, aws_secret_id=self.aws_secret_id, aws_cost=self.aws_cost)
+        return Backends(**{k: getattr(self, k) for k in Backends.model_fields})
 
     @classmethod
     def from_settings(cls, s) -> ProbeResource:
         """Probes of what Settings configure; secrets stay EnvVar references."""
-        return cls(redis_url=dg.EnvVar("CODEMIND_REDIS_URL") if s.redis_url else None, s3_bucket=s.s3_bucket,
-                   s3_endpoint_url=s.s3_endpoint_url, aws_region=s.aws_region, aws_secret_id=s.aws_secret_id, aws_cost=s.aws_cost)
+        return cls(redis_url=dg.EnvVar("CODEMIND_REDIS_URL") if s.redis_url else None,
+                   **Backends.from_settings(s).model_dump())
