@@ -6,7 +6,8 @@ ifeq ($(UV),)
 UV := .tools/bin/uv
 endif
 
-.PHONY: setup demo test ui down validate bench bench-router bench-cost clean k8s-build k8s-up k8s-down k8s-status
+.PHONY: setup demo test ui down validate bench bench-router bench-cost clean k8s-build k8s-up k8s-down k8s-status \
+	neo4j-build neo4j-up neo4j-down neo4j-status aws-up aws-down aws-status
 setup: .venv/.synced
 
 .tools/bin/uv:
@@ -52,6 +53,27 @@ k8s-down: setup
 
 k8s-status: setup
 	.venv/bin/python -m devcluster status
+
+neo4j-build: setup  ## resolve Neo4j 5.26 (the test harness) from Maven Central, cached in ~/.cache/codemind/neo4j
+	.venv/bin/python -m devservices.neo4j build
+
+neo4j-up: setup  ## start Neo4j on a free Bolt port; prints the CODEMIND_NEO4J_* exports
+	.venv/bin/python -m devservices.neo4j up
+
+neo4j-down: setup
+	.venv/bin/python -m devservices.neo4j down
+
+neo4j-status: setup
+	.venv/bin/python -m devservices.neo4j status
+
+aws-up: setup  ## start moto's server (S3, Secrets Manager, Cost Explorer); prints the AWS_* exports
+	.venv/bin/python -m devservices.moto up
+
+aws-down: setup
+	.venv/bin/python -m devservices.moto down
+
+aws-status: setup
+	.venv/bin/python -m devservices.moto status
 
 clean:
 	rm -rf .venv .tools .codemind

@@ -24,7 +24,8 @@ PASSED_ENV = ("CODEMIND_PROFILE", "CODEMIND_DATABASE_URL", "CODEMIND_K8S_CONTEXT
               "CODEMIND_HEALTH_TIMEOUT_S", "CODEMIND_DR_KEEP_RELEASES", PG_URL_ENV,
               # The production stores: each step pod resolves the same backends (and the secret) itself.
               "CODEMIND_S3_BUCKET", "CODEMIND_S3_ENDPOINT_URL", "CODEMIND_AWS_REGION", "CODEMIND_AWS_SECRET_ID",
-              "CODEMIND_AWS_COST", "CODEMIND_AWS_BUDGETS", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
+              "CODEMIND_AWS_COST", "CODEMIND_AWS_BUDGETS", "CODEMIND_NEO4J_URL", "CODEMIND_NEO4J_USER",
+              "CODEMIND_NEO4J_PASSWORD", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
               "AWS_SECRET_ACCESS_KEY")
 
 # What earlier versions wrote, without the marker: still ours.

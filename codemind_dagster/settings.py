@@ -61,6 +61,8 @@ class Settings(BaseModel):
     aws_secret_id: str | None = None  # a Secrets Manager secret (JSON) holding provider keys and the DB URL
     aws_cost: bool = False  # add AWS Cost Explorer spend to cost_report
     aws_budgets: str | None = None  # JSON environment -> daily AWS budget in USD
+    neo4j_url: str | None = None  # the business-model graph in Neo4j (bolt://...) instead of SQL tables
+    neo4j_user: str = "neo4j"  # its password comes from CODEMIND_NEO4J_PASSWORD, read by dg.EnvVar
 
     @field_validator("public_ports", mode="before")
     @classmethod
@@ -108,6 +110,8 @@ class Settings(BaseModel):
             "aws_secret_id": e.get("CODEMIND_AWS_SECRET_ID"),
             "aws_cost": e.get("CODEMIND_AWS_COST"),
             "aws_budgets": e.get("CODEMIND_AWS_BUDGETS"),
+            "neo4j_url": e.get("CODEMIND_NEO4J_URL"),
+            "neo4j_user": e.get("CODEMIND_NEO4J_USER"),
         }
         s = cls.model_validate({k: v for k, v in raw.items() if v not in (None, "")})
         update: dict[str, object] = {"home": s.home.expanduser().resolve()}

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,34 +10,18 @@ from pathlib import Path
 
 import httpx
 
+from devservices import servers
+
+SERVICE = "moto"
+
 
 def state_dir() -> Path:
-    return Path(os.environ.get("CODEMIND_HOME", ".codemind")).expanduser().resolve() / "moto"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def alive(pid: int) -> bool:
-    """True while the process runs; a zombie (exited, not yet reaped by its parent) counts as gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return servers.state_dir(SERVICE)
 
 
 def running() -> tuple[int, str] | None:
     """(pid, endpoint) of the server `up` started, when it still runs."""
-    d = state_dir()
-    try:
-        pid, url = int((d / "pid").read_text()), (d / "url").read_text().strip()
-    except (FileNotFoundError, ValueError):
-        return None
-    return (pid, url) if alive(pid) else None
+    return servers.running(SERVICE)
 
 
 def up(port: int | None = None, timeout_s: float = 30.0) -> str:
@@ -49,7 +30,7 @@ def up(port: int | None = None, timeout_s: float = 30.0) -> str:
         return found[1]
     d = state_dir()
     d.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
+    port = port or servers.free_port()
     url = f"http://127.0.0.1:{port}"
     log = (d / "server.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -67,25 +48,13 @@ def up(port: int | None = None, timeout_s: float = 30.0) -> str:
     else:
         proc.kill()
         raise RuntimeError(f"moto's server did not answer on {url} within {timeout_s:.0f}s (log: {d / 'server.log'})")
-    (d / "pid").write_text(str(proc.pid))
-    (d / "url").write_text(url)
+    servers.record(SERVICE, proc.pid, url)
     return url
 
 
 def down() -> bool:
     """Stop the server `up` started; False when none ran."""
-    found = running()
-    for name in ("pid", "url"):
-        (state_dir() / name).unlink(missing_ok=True)
-    if found is None:
-        return False
-    os.killpg(found[0], signal.SIGTERM)
-    for _ in range(50):
-        if not alive(found[0]):
-            return True
-        time.sleep(0.1)
-    os.killpg(found[0], signal.SIGKILL)
-    return True
+    return servers.stop(SERVICE)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,12 +72,7 @@ def main(argv: list[str] | None = None) -> int:
               f"export AWS_ENDPOINT_URL={url} AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing "
               f"AWS_DEFAULT_REGION=us-east-1 CODEMIND_S3_ENDPOINT_URL={url}")
         return 0
-    if a.command == "down":
-        print("moto's server stopped" if down() else "moto's server was not running")
-        return 0
-    found = running()
-    print(f"moto's server: {found[1]} (pid {found[0]})" if found else "moto's server: not running")
-    return 0 if found else 3
+    return servers.down_or_status(a.command, "moto's server", SERVICE, down)
 
 
 if __name__ == "__main__":

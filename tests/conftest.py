@@ -181,3 +181,37 @@ def aws(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
         monkeypatch.delenv(var, raising=False)
     return moto_endpoint
+
+
+@pytest.fixture(scope="session")
+def neo4j_server(tmp_path_factory):
+    """A real Neo4j (Maven Central's test harness on the machine's Java) on a free loopback port, for the session."""
+    from devservices import neo4j
+
+    if not neo4j.built() and (missing := neo4j.missing_tools()):
+        missing_component(f"{', '.join(missing)} (to build and run Neo4j {neo4j.HARNESS_VERSION})",
+                          "apt-get install openjdk-17-jdk-headless maven, then python -m devservices.neo4j build")
+    if neo4j.missing_tools(for_build=False):
+        missing_component("java (to run Neo4j)", "apt-get install openjdk-17-jdk-headless")
+    neo4j.build()
+    with neo4j.start(tmp_path_factory.mktemp("neo4j")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def neo4j_url(neo4j_server) -> str:
+    """The session's Neo4j Bolt URL; its user and password are neo4j_server.user and .password."""
+    return neo4j_server.url
+
+
+@pytest.fixture
+def neo4j_graph(neo4j_server):
+    """A Neo4jGraphStore on the session's server, whose database is emptied first (schema kept)."""
+    from codemind_dagster.resources.graph_neo4j import Neo4jGraphStore
+
+    store = Neo4jGraphStore(neo4j_server.url, neo4j_server.user, neo4j_server.password)
+    store.query("MATCH (n) DETACH DELETE n")
+    try:
+        yield store
+    finally:
+        store.close()

@@ -140,3 +140,61 @@ def test_the_k8s_profile_takes_its_database_url_from_the_secret(aws):
     boto3.client("secretsmanager").create_secret(Name="codemind/no-db", SecretString='{"OPENAI_API_KEY": "k"}')
     with pytest.raises(SecretError, match="codemind/no-db.*has no CODEMIND_DATABASE_URL"):
         Settings.from_env({**env, "CODEMIND_AWS_SECRET_ID": "codemind/no-db"})
+
+
+def test_a_neo4j_url_selects_the_neo4j_graph_store_and_keeps_the_password_a_reference(monkeypatch):
+    from codemind_dagster.resources.graph_neo4j import Neo4jGraphStoreResource
+    from codemind_dagster.resources.profiles import resources_for
+
+    env = {"CODEMIND_NEO4J_URL": "bolt://bob:pw-in-url@graph.internal:7687", "CODEMIND_NEO4J_USER": "codemind"}
+    rows = {r["role"]: r for r in Backends.from_settings(Settings.from_env(env)).active()}
+    assert rows["graph_store"] == {"role": "graph_store", "backend": "neo4j",
+                                   "target": "bolt://graph.internal:7687 (user codemind)"}
+    monkeypatch.setenv("CODEMIND_NEO4J_PASSWORD", "n4j-secret-1")
+    res = resources_for(Settings.from_env(env))
+    graph = res["graph_store"]
+    assert isinstance(graph, Neo4jGraphStoreResource) and graph.user == "codemind"
+    assert isinstance(graph.password, dg.EnvVar) and graph.password.env_var_name == "CODEMIND_NEO4J_PASSWORD"
+    assert "n4j-secret-1" not in repr(graph) + repr(res["probes"])
+    monkeypatch.delenv("CODEMIND_NEO4J_PASSWORD")
+    assert resources_for(Settings.from_env(env))["graph_store"].password is None
+
+
+@pytest.mark.neo4j
+def test_the_neo4j_probe_answers_and_names_a_wrong_password(neo4j_server):
+    b = Backends(neo4j_url=neo4j_server.url, neo4j_user=neo4j_server.user)
+    ok = probe_backends(b, 5.0, neo4j_server.password)
+    assert [(p["name"], p["healthy"]) for p in ok] == [("graph_store", True)], ok
+    bad = probe_backends(b, 5.0, "not-the-password")[0]
+    assert not bad["healthy"] and "refused user 'neo4j'" in bad["detail"]
+    assert "not-the-password" not in bad["detail"] and neo4j_server.password not in bad["detail"]
+
+
+def test_an_unreachable_neo4j_is_unhealthy_not_an_error():
+    port = _closed_port()
+    probe = probe_backends(Backends(neo4j_url=f"bolt://127.0.0.1:{port}"), 0.5, "pw")[0]
+    assert probe["name"] == "graph_store" and not probe["healthy"]
+    assert f"127.0.0.1:{port}" in probe["detail"] and "not reachable" in probe["detail"]
+
+
+@pytest.mark.neo4j
+def test_llm_check_and_state_probe_neo4j_as_the_graph_store(neo4j_server, settings, monkeypatch):
+    from codemind_dagster.assets.platform import infrastructure_state
+    from codemind_dagster.cli import main
+    from codemind_dagster.resources.platform import DatabaseResource, RuntimeResource
+    from codemind_dagster.resources.probes import ProbeResource
+
+    monkeypatch.setenv("CODEMIND_NEO4J_URL", neo4j_server.url)
+    monkeypatch.setenv("CODEMIND_NEO4J_PASSWORD", neo4j_server.password)
+    r = CliRunner().invoke(main, ["llm", "check", "--json"])
+    assert r.exit_code == 0, r.output
+    graph = {b["role"]: b for b in json.loads(r.stdout)["backends"]}["graph_store"]
+    assert graph["backend"] == "neo4j" and graph["healthy"] is True, graph
+    assert neo4j_server.password not in r.stdout
+    probes = ProbeResource.from_settings(Settings.from_env())
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = dg.materialize([infrastructure_state], instance=instance, resources={
+            "database": DatabaseResource(url=settings.db_url), "probes": probes,
+            "runtime": RuntimeResource(root=str(settings.runtime_dir), health_timeout_s=5)})
+    supporting = {p["name"]: p for p in result.output_for_node("infrastructure_state")["supporting"]}
+    assert supporting["graph_store"]["healthy"] and "neo4j bolt://127.0.0.1" in supporting["graph_store"]["detail"]

@@ -8,6 +8,7 @@ import boto3
 import pytest
 
 from devservices import moto as devmoto
+from devservices import servers
 
 
 @pytest.mark.aws
@@ -22,7 +23,7 @@ def test_up_serves_aws_apis_and_down_stops_the_process(codemind_home):
         assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == ["codemind-devservice"]
     finally:
         assert devmoto.down()
-    assert not devmoto.alive(pid)
+    assert not servers.alive(pid)
     assert devmoto.running() is None and devmoto.down() is False
 
 

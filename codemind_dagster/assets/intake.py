@@ -1,12 +1,13 @@
 """Intake: a validated business intent per partition, and its business model as a graph."""
 
+from typing import Any
 
 import dagster as dg
 
 from codemind_dagster.assets.partitions import intent_partitions
 from codemind_dagster.domain.business_model import BusinessModel, build_business_model
 from codemind_dagster.domain.intent import Intent
-from codemind_dagster.resources.platform import GraphStoreResource, IntentStoreResource
+from codemind_dagster.resources.platform import DatabaseResource, GraphStoreResource, IntentStoreResource
 
 OWNERS = ["team:platform"]
 
@@ -29,14 +30,35 @@ def business_intents(context: dg.AssetExecutionContext, intent_store: IntentStor
     return intent
 
 
-@dg.asset(partitions_def=intent_partitions, group_name="intake", kinds={"sql"}, owners=OWNERS,
-          description="Entities and their references as a graph in the graph store.")
+@dg.asset(partitions_def=intent_partitions, group_name="intake", kinds={"graph"}, owners=OWNERS,
+          description="Entities, fields and references as a graph in the graph store (SQL tables by default, "
+                      "Neo4j when CODEMIND_NEO4J_URL is set), with the impact of changing each entity.")
 def business_model(context: dg.AssetExecutionContext, business_intents: Intent,
-                   graph_store: GraphStoreResource) -> BusinessModel:
+                   graph_store: GraphStoreResource, database: DatabaseResource) -> BusinessModel:
     model = build_business_model(business_intents)
-    graph_store.store().write(model)
-    context.add_output_metadata({"nodes": len(model.nodes), "edges": len(model.edges),
-                                 "relations": dg.MetadataValue.md("\n".join(
-                                     f"- {e.src} -[{e.properties['field']}, {e.properties['on_delete']}]-> "
-                                     f"{e.dst}" for e in model.edges) or "none")})
+    store = graph_store.store()
+    store.write(model)
+    live = database.client().live_deployments()
+    context.add_output_metadata({
+        "nodes": len(model.nodes), "edges": len(model.edges),
+        "relations": dg.MetadataValue.md("\n".join(
+            f"- {e.src} -[{e.properties['field']}, {e.properties['on_delete']}]-> "
+            f"{e.dst}" for e in model.edges) or "none"),
+        "impact": dg.MetadataValue.md(impact_markdown(
+            model, [(n.key, r) for n in model.nodes for r in store.impact(n.key)], set(live))),
+    })
     return model
+
+
+def impact_markdown(model: BusinessModel, rows: list[tuple[str, dict[str, Any]]],
+                    live: set[tuple[str, str]]) -> str:
+    """Which other intents define or reference this intent's entities, and where they are live, as a table."""
+    rows = [(name, r) for name, r in rows if r["intent"] != model.intent]
+    if not rows:
+        return "No other intent defines or references these entities."
+    lines = ["| entity | other intent | how | live in |", "|---|---|---|---|"]
+    for name, r in rows:
+        how = f"defines `{name}`" if r["relation"] == "defines" else f"`{r['entity']}.{r['field']}` references it"
+        envs = ", ".join(sorted(env for (intent, env) in live if intent == r["intent"])) or "-"
+        lines.append(f"| `{name}` | {r['intent']} | {how} | {envs} |")
+    return "\n".join(lines)

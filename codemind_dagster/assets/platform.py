@@ -35,7 +35,8 @@ def _env_order(env: str) -> tuple[int, str]:
 
 
 def collect_state(db: PlatformDB, runtime: ObservableRuntime, redis_url: str | None,
-                  probe_timeout_s: float = DEFAULT_TIMEOUT_S, backends: Backends | None = None) -> dict[str, Any]:
+                  probe_timeout_s: float = DEFAULT_TIMEOUT_S, backends: Backends | None = None,
+                  neo4j_password: str | None = None) -> dict[str, Any]:
     """The infrastructure_state document: environments, services, drift and supporting services."""
     desired = {key: row.artifact for key, row in db.live_deployments().items()}
     # A runtime on several clusters reports the environments it could not reach instead of failing.
@@ -59,7 +60,7 @@ def collect_state(db: PlatformDB, runtime: ObservableRuntime, redis_url: str | N
         "environments": environments,
         "services": services,
         "drift": [d.as_dict() for d in drift],
-        "supporting": probe_supporting(db, redis_url, probe_timeout_s, backends),
+        "supporting": probe_supporting(db, redis_url, probe_timeout_s, backends, neo4j_password),
         "backends": (backends or Backends()).active(),
     }
     inventory = getattr(runtime, "inventory", None)
@@ -134,7 +135,7 @@ def _drift_md(doc: dict[str, Any]) -> str:
 def infrastructure_state(context: dg.AssetExecutionContext, database: DatabaseResource,
                          runtime: RuntimeResource, probes: ProbeResource) -> Iterator[Any]:
     doc = collect_state(database.client(), runtime.runtime(), probes.redis_url, probes.timeout_s,
-                        probes.backends())
+                        probes.backends(), probes.neo4j_password)
     drift_md = _drift_md(doc)
     running = sum(e["running"] for e in doc["environments"])
     unhealthy = [p["name"] for p in doc["supporting"] if not p["healthy"]]

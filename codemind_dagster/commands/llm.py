@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import click
@@ -111,10 +112,11 @@ def collect(routing: str | None = None) -> dict[str, Any]:
 def backend_report(settings) -> list[dict[str, Any]]:
     """Each role's backend, probed when it is a production store (embedded ones answer with the DB)."""
     from codemind_dagster.resources.backends import Backends
-    from codemind_dagster.resources.probes import DEFAULT_TIMEOUT_S, probe_backends
+    from codemind_dagster.resources.probes import DEFAULT_TIMEOUT_S, NEO4J_PASSWORD_ENV, probe_backends
 
     backends = Backends.from_settings(settings)
-    probes = {p["name"]: p for p in probe_backends(backends, DEFAULT_TIMEOUT_S)}
+    password = os.environ.get(NEO4J_PASSWORD_ENV)
+    probes = {p["name"]: p for p in probe_backends(backends, DEFAULT_TIMEOUT_S, password)}
     rows = []
     for b in backends.active():
         p = probes.get(b["role"])

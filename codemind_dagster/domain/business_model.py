@@ -28,6 +28,7 @@ class BusinessModel(BaseModel):
     intent: str
     nodes: list[Node]
     edges: list[Edge]
+    version: str | None = None  # the intent's content hash; a store may keep it to tell graphs apart
 
 
 def build_business_model(intent: Intent) -> BusinessModel:
@@ -43,4 +44,4 @@ def build_business_model(intent: Intent) -> BusinessModel:
                 edges.append(Edge(src=e.name, dst=str(f.to), kind="REFERENCES",
                                   properties={"field": f.name, "on_delete": f.effective_on_delete,
                                               "required": f.required}))
-    return BusinessModel(intent=intent.name, nodes=nodes, edges=edges)
+    return BusinessModel(intent=intent.name, nodes=nodes, edges=edges, version=intent.content_hash)

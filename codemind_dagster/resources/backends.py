@@ -17,6 +17,8 @@ class Backends(BaseModel):
     aws_region: str = "us-east-1"
     aws_secret_id: str | None = None
     aws_cost: bool = False
+    neo4j_url: str | None = None
+    neo4j_user: str = "neo4j"
 
     @classmethod
     def from_settings(cls, s: Settings) -> Backends:
@@ -25,13 +27,15 @@ class Backends(BaseModel):
     def __repr_args__(self):
         # A URL may carry a user and password: repr() shows it as the status tables do.
         for k, v in super().__repr_args__():
-            yield k, display_url(v) if k == "s3_endpoint_url" and v else v
+            yield k, display_url(v) if k in ("s3_endpoint_url", "neo4j_url") and v else v
 
     def active(self) -> list[dict[str, str]]:
         """One row per role: the backend in force and where it points (never a credential)."""
         s3 = f"s3://{self.s3_bucket}" + (f" at {display_url(self.s3_endpoint_url)}" if self.s3_endpoint_url else "")
         return [
-            {"role": "graph_store", "backend": "sql", "target": "platform database"},
+            {"role": "graph_store", "backend": "neo4j" if self.neo4j_url else "sql",
+             "target": f"{display_url(self.neo4j_url)} (user {self.neo4j_user})" if self.neo4j_url
+             else "platform database"},
             {"role": "artifacts", "backend": "s3" if self.s3_bucket else "filesystem",
              "target": s3 if self.s3_bucket else "$CODEMIND_HOME/artifacts"},
             {"role": "secrets", "backend": "aws-secrets-manager" if self.aws_secret_id else "environment",

@@ -316,3 +316,12 @@ class PlatformDB:
             edges = list(c.execute(sa.select(t.graph_edges).where(t.graph_edges.c.intent == intent)
                                    .order_by(t.graph_edges.c.src, t.graph_edges.c.dst)))
         return nodes, edges
+
+    def graph_usage(self, entity: str) -> tuple[list[sa.Row], list[sa.Row]]:
+        """Entity nodes of that name and the REFERENCES edges to it, across all intents."""
+        n, e = t.graph_nodes.c, t.graph_edges.c
+        with self.engine.connect() as c:
+            nodes = list(c.execute(sa.select(n.intent, n.key).where(n.key == entity, n.kind == "Entity")))
+            edges = list(c.execute(sa.select(e.intent, e.src, e.properties)
+                                   .where(e.dst == entity, e.kind == "REFERENCES")))
+        return nodes, edges

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -10,10 +11,11 @@ import dagster as dg
 import sqlalchemy as sa
 
 from codemind_dagster.resources import tables as t
-from codemind_dagster.resources.backends import Backends
+from codemind_dagster.resources.backends import Backends, display_url
 from codemind_dagster.resources.database import PlatformDB
 
 DEFAULT_TIMEOUT_S = 1.0
+NEO4J_PASSWORD_ENV = "CODEMIND_NEO4J_PASSWORD"
 # Every Cost Explorer request is billed (USD 0.01 on AWS), so a health probe never calls it.
 COST_EXPLORER_NOT_PROBED = "enabled; not probed (each Cost Explorer request is billed)"
 
@@ -111,9 +113,19 @@ def probe_secret(b: Backends, timeout_s: float) -> dict[str, Any]:
                    + (f", changed {changed:%Y-%m-%d}" if changed else ""))
 
 
-def probe_backends(b: Backends, timeout_s: float) -> list[dict[str, Any]]:
+def probe_neo4j(b: Backends, timeout_s: float, password: str | None) -> dict[str, Any]:
+    """`RETURN 1` over Bolt, with the connection timeout bounding an unreachable server."""
+    from codemind_dagster.resources.graph_neo4j import Neo4jGraphStore
+
+    started = time.perf_counter()
+    with Neo4jGraphStore(b.neo4j_url, b.neo4j_user, password, timeout_s=timeout_s) as store:
+        why = store.ping()
+    return _result("graph_store", why is None, started, why or f"neo4j {display_url(b.neo4j_url)}: RETURN 1 ok")
+
+
+def probe_backends(b: Backends, timeout_s: float, neo4j_password: str | None = None) -> list[dict[str, Any]]:
     """Probes of the configured production stores."""
-    probes = []
+    probes = [probe_neo4j(b, timeout_s, neo4j_password)] if b.neo4j_url else []
     if b.s3_bucket:
         probes.append(probe_s3(b, timeout_s))
     if b.aws_secret_id:
@@ -125,8 +137,8 @@ def probe_backends(b: Backends, timeout_s: float) -> list[dict[str, Any]]:
 
 
 def probe_supporting(db: PlatformDB, redis_url: str | None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                     backends: Backends | None = None) -> list[dict[str, Any]]:
-    stores = probe_backends(backends, timeout_s) if backends else []
+                     backends: Backends | None = None, neo4j_password: str | None = None) -> list[dict[str, Any]]:
+    stores = probe_backends(backends, timeout_s, neo4j_password) if backends else []
     graph = [] if any(p["name"] == "graph_store" for p in stores) else [probe_graph_store(db)]
     probes = [probe_database(db), *graph]
     if redis_url:
@@ -144,6 +156,9 @@ class ProbeResource(dg.ConfigurableResource):
     aws_region: str = "us-east-1"
     aws_secret_id: str | None = None
     aws_cost: bool = False
+    neo4j_url: str | None = None
+    neo4j_user: str = "neo4j"
+    neo4j_password: str | None = None
 
     def backends(self) -> Backends:
         return Backends(**{k: getattr(self, k) for k in Backends.model_fields})
@@ -152,4 +167,9 @@ class ProbeResource(dg.ConfigurableResource):
     def from_settings(cls, s) -> ProbeResource:
         """Probes of what Settings configure; secrets stay EnvVar references."""
         return cls(redis_url=dg.EnvVar("CODEMIND_REDIS_URL") if s.redis_url else None,
-                   **Backends.from_settings(s).model_dump())
+                   neo4j_password=neo4j_password_env(), **Backends.from_settings(s).model_dump())
+
+
+def neo4j_password_env() -> dg.EnvVar | None:
+    """The Neo4j password as an EnvVar reference, so it never lands in run config; None when unset."""
+    return dg.EnvVar(NEO4J_PASSWORD_ENV) if os.environ.get(NEO4J_PASSWORD_ENV) else None

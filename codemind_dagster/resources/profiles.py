@@ -63,6 +63,12 @@ def store_resources(s: Settings) -> dict[str, Any]:
 
         res["artifacts"] = S3ArtifactStoreResource(bucket=s.s3_bucket, endpoint_url=s.s3_endpoint_url,
                                                    region_name=s.aws_region, cache_root=str(s.artifacts_dir))
+    if s.neo4j_url:
+        from codemind_dagster.resources.graph_neo4j import Neo4jGraphStoreResource
+        from codemind_dagster.resources.probes import neo4j_password_env
+
+        res["graph_store"] = Neo4jGraphStoreResource(url=s.neo4j_url, user=s.neo4j_user,
+                                                     password=neo4j_password_env())
     return res
 
 
