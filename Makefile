@@ -6,7 +6,7 @@ ifeq ($(UV),)
 UV := .tools/bin/uv
 endif
 
-.PHONY: setup demo test ui down validate bench bench-router bench-cost clean k8s-build k8s-up k8s-down k8s-status \
+.PHONY: setup demo test ui down validate bench bench-router bench-cost bench-proxy clean k8s-build k8s-up k8s-down k8s-status \
 	neo4j-build neo4j-up neo4j-down neo4j-status aws-up aws-down aws-status
 setup: .venv/.synced
 
@@ -41,6 +41,9 @@ bench-router: setup
 
 bench-cost: setup
 	.venv/bin/python benchmarks/cost_report.py
+
+bench-proxy: setup
+	.venv/bin/python benchmarks/proxy.py
 
 k8s-build: setup  ## build etcd and the Kubernetes control plane from the Go module proxy (cached)
 	.venv/bin/python -m devcluster build

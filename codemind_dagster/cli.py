@@ -51,7 +51,7 @@ def main() -> None:
 
 @main.group()
 def intent() -> None:
-    """Submit and inspect business intents (spec: codemind.dev/v1)."""
+    """Draft, submit and inspect business intents (spec: codemind.dev/v1)."""
 
 
 @intent.command("submit")
@@ -198,11 +198,13 @@ def demo(intents_dir: Path, auto_approve: bool) -> None:
 def _register_platform_commands() -> None:
     from codemind_dagster.commands.dr import backup, dr
     from codemind_dagster.commands.finops import backfill
+    from codemind_dagster.commands.intent import draft
     from codemind_dagster.commands.llm import llm
     from codemind_dagster.commands.state import state
 
     for command in (state, backup, dr, backfill, llm):
         main.add_command(command)
+    intent.add_command(draft)
 
 
 _register_platform_commands()

@@ -56,6 +56,8 @@ class Driver:
             for req in result.dynamic_partitions_requests or []:
                 self.instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
             for rr in result.run_requests or []:
+                # The UI shows a run as launched by a sensor only when it carries the sensor's name tag.
+                rr = rr.with_replaced_attrs(tags={**rr.tags, "dagster/sensor_name": name})
                 outcomes.append(self.execute(rr, default_job=sensor.job_name if len(sensor.jobs) == 1 else None))
         return outcomes
 

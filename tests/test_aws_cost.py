@@ -313,7 +313,7 @@ def test_disabled_makes_no_aws_call_and_writes_the_llm_report_as_before(aws, set
     assert sum((Decimal(r["BilledCost"]) for r in report), Decimal(0)) == sum(LEDGER_COSTS, Decimal(0))
     meta = metadata(result, "cost_report")
     assert not [k for k in meta if k.startswith(("aws_", "llm_cost"))]
-    assert set(meta) == {"path", "billed_cost_usd", "focus_rows", "ledger_rows", "tokens", "by_intent", "by_task",
+    assert set(meta) == {"path", "report_path", "billed_cost_usd", "focus_rows", "ledger_rows", "tokens", "by_intent", "by_task",
                          "by_provider", "by_model", "budget_vs_actual"}
     assert "aws:" not in meta["budget_vs_actual"]
     assert not any(b["scope"].startswith("aws:") for b in read_csv(settings.reports_dir / "budget" / f"{DAY}.csv"))

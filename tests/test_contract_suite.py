@@ -336,12 +336,12 @@ def rich():
 def test_render_is_deterministic_and_self_contained(rich) -> None:
     files = render_contract_suite(rich)
     assert files == render_contract_suite(parse_intent_text(RICH))
-    assert sorted(files) == ["contract_tests/contract_support.py", "contract_tests/intent.json",
-                             "contract_tests/test_contract_api.py"]
+    assert sorted(files) == ["contract_tests/codemind_service.py", "contract_tests/contract_support.py",
+                             "contract_tests/intent.json", "contract_tests/test_contract_api.py"]
     assert json.loads(files["contract_tests/intent.json"]) == rich.canonical()
     for path, text in files.items():
         name = Path(path).name
-        assert name.startswith("test_contract") or name in ("contract_support.py", "intent.json")
+        assert name.startswith("test_contract") or name in ("codemind_service.py", "contract_support.py", "intent.json")
         assert not re.search(r"^\s*(import|from)\s+codemind_dagster", text, re.MULTILINE), path
         if path.endswith(".py"):
             compile(text, path, "exec")

@@ -1,6 +1,7 @@
 """FinOps: the LLM ledger aggregated per day by SQL, the FOCUS 1.2 cost report and budget status, GX-checked."""
 
 import csv
+import math
 import os
 import tempfile
 from collections import defaultdict
@@ -189,12 +190,13 @@ def breakdown(groups: Iterable[Mapping[str, Any]], key: str) -> list[dict[str, A
 def md_table(rows: list[Mapping[str, Any]], columns: list[str]) -> str:
     if not rows:
         return "none"
-    def cell(v: Any) -> str:
+    def cell(column: str, v: Any) -> str:
         if isinstance(v, Decimal | float):
-            return f"{float(v):.6f}"
+            # Money keeps sub-cent precision; a percentage of budget reads better as 80.0 than 80.000000.
+            return f"{float(v):.1f}" if column == "percent" else f"{float(v):.6f}"
         return "-" if v is None else str(v)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(c, r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -225,8 +227,26 @@ def gx_validate(records: list[Mapping[str, Any]], columns: Mapping[str, str],
 
 
 def _gx_metadata(result: dict[str, Any]) -> dict[str, Any]:
+    """GX's numbers stay numbers (the UI plots them) and its lists become JSON, not a Python repr in a text cell."""
     keep = ("observed_value", "element_count", "unexpected_count", "partial_unexpected_list")
-    return {k: (v if isinstance(v, int | str) else str(v)) for k, v in result.items() if k in keep}
+    out: dict[str, Any] = {}
+    for k, v in result.items():
+        if k in keep:
+            v = _plain(v)
+            out[k] = dg.MetadataValue.json(v) if isinstance(v, list | dict) else "none" if v is None else v
+    return out
+
+
+def _plain(v: Any) -> Any:
+    """Numpy scalars (from pandas) as Python values, NaN as text; JSON-safe all the way down."""
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    v = v.item() if hasattr(v, "item") else v
+    if isinstance(v, float) and math.isnan(v):
+        return "NaN"
+    return v if v is None or isinstance(v, bool | int | float | str) else str(v)
 
 
 # -- assets ---------------------------------------------------------------------------------------------------
@@ -286,7 +306,7 @@ def llm_usage(context: dg.AssetExecutionContext, database: DatabaseResource):
                  for n, d in REPORT_CHECKS.items()],
     description="FinOps FOCUS 1.2 export of the day's LLM spend, one row per token SKU, and (when enabled) AWS "
                 "spend from Cost Explorer per service and environment tag, at "
-                "$CODEMIND_HOME/reports/focus/<date>.csv; spend and tokens by intent, task, provider and model; "
+                "`$CODEMIND_HOME/reports/focus/<date>.csv`; spend and tokens by intent, task, provider and model; "
                 "budget vs actual per intent, for the day and per AWS environment.",
 )
 def cost_report(context: dg.AssetExecutionContext, llm_usage: list[dict[str, Any]], database: DatabaseResource,
@@ -326,8 +346,9 @@ def cost_report(context: dg.AssetExecutionContext, llm_usage: list[dict[str, Any
                "focus_rows": len(rows), "budgets": budgets}
     if aws_cost.enabled:
         summary["aws_cost_usd"] = float(aws_total)
+    # "path" is overwritten by the IO manager with where it stored the output: the CSV gets a key of its own.
     yield dg.Output(summary, metadata={
-        "path": dg.MetadataValue.path(str(path)),
+        "report_path": dg.MetadataValue.path(str(path)),
         "billed_cost_usd": float(billed),
         "focus_rows": len(rows),
         "ledger_rows": sum(g["calls"] for g in llm_usage),
@@ -387,7 +408,7 @@ def budget_status(context: dg.AssetExecutionContext, cost_report: dict[str, Any]
                      budgets)
     over = [b["scope"] for b in budgets if b["percent"] is not None and b["percent"] >= 100]
     return dg.MaterializeResult(metadata={
-        "path": dg.MetadataValue.path(str(reports.budget_path(day))),
+        "report_path": dg.MetadataValue.path(str(reports.budget_path(day))),
         "daily_spend_usd": budgets[0]["spend_usd"],
         "daily_budget_usd": budgets[0]["budget_usd"],
         "scopes_over_budget": ", ".join(over) or "none",

@@ -128,8 +128,9 @@ def backend_report(settings) -> list[dict[str, Any]]:
 def _task_tiers() -> dict[str, int]:
     """The tier each agent task asks for, from the task definitions themselves."""
     from codemind_dagster.agents.coding import CODE_TASK
+    from codemind_dagster.agents.intent_engine import INTENT_TASK
     from codemind_dagster.agents.planning import PLAN_TASK
     from codemind_dagster.agents.repair import REPAIR_TASK
     from codemind_dagster.agents.testing import CONTRACT_TASK
 
-    return {t.name: t.tier for t in (PLAN_TASK, CODE_TASK, CONTRACT_TASK, REPAIR_TASK)}
+    return {t.name: t.tier for t in (INTENT_TASK, PLAN_TASK, CODE_TASK, CONTRACT_TASK, REPAIR_TASK)}

@@ -28,6 +28,11 @@ from codemind_dagster.settings import PUBLIC_PORTS, check_port_range
 
 # Launched by path with -I so the proxy imports neither this package nor site customisations.
 PROXY_SCRIPT = Path(__file__).with_name("proxy.py")
+# The platform layer copied next to every release and started in front of the bundle's own app: it serves
+# /metrics and honours CODEMIND_FAULT_*, whoever wrote the service (see service_support.py).
+SUPPORT_SCRIPT = Path(__file__).with_name("service_support.py")
+SUPPORT_MODULE = "codemind_service"
+SERVICE_APP = f"{SUPPORT_MODULE}:app"
 
 # Every process we start carries these, so a recycled pid is never taken for ours and processes
 # a killed deployer never got to record can still be found and stopped.
@@ -64,6 +69,8 @@ class RuntimeStatus:
     # Set by runtimes whose services are pods (KubeRuntime); a process runtime leaves them at the defaults.
     pods_ready: int | None = None
     findings: tuple[str, ...] = ()  # hand edits detected against what the platform applied
+    metrics_url: str | None = None  # the proxy's GET /metrics, per backend version; the service's is url + /metrics
+    faults: tuple[tuple[str, str], ...] = ()  # CODEMIND_FAULT_* the live version was started with
 
 
 @dataclass(frozen=True)
@@ -162,13 +169,14 @@ class LocalRuntime:
         started = time.monotonic()
         paths = self._paths(service, environment)
         bundle_dir = _check_bundle(bundle_dir)
+        faults = _faults_of(env or {})  # a bad setting is refused before anything changes
         with self._locked(paths):
             _reap_children()
             state = _load_state(paths) or _new_state(service, environment)
             self._ensure_proxy(paths, state)
-            adopted = self._recover(paths, state, artifact)
+            adopted = self._recover(paths, state, artifact, faults)
             live = state.get("live")
-            if adopted is None and self._serves(paths, state, live, artifact):
+            if adopted is None and self._serves(paths, state, live, artifact, faults):
                 reason = f"{artifact} is already live and healthy"
                 return self._outcome(state, "unchanged", artifact, live, artifact, reason, started)
             try:
@@ -226,26 +234,29 @@ class LocalRuntime:
     # ---- deploy steps -----------------------------------------------------------------------
 
     def _ensure_proxy(self, paths: _Paths, state: dict) -> None:
-        if _owned(state.get("proxy")):
+        # A proxy without a metrics port predates versioned targets and would misread the target file.
+        if _owned(state.get("proxy")) and state["proxy"].get("metrics_port"):
             return
         # A proxy spawned by a deployer killed before it saved the pid would hold the port.
         if state.get("proxy"):
             _terminate(state["proxy"], self.stop_grace_s, self.root)
         live = state.get("live")
-        _write_target(paths, self.host, live["port"] if _owned(live) else None)
+        _write_target(paths, self.host, live if _owned(live) else None)
         listener = self._bind_public(state)
+        # A port of its own for the proxy's metrics, so the environment's URL serves only the service.
+        metrics = _listen(self.host, 0)
         try:
-            record = _new_record()
+            record = _new_record(metrics_port=metrics.getsockname()[1])
             state["proxy"] = record
             _save_state(paths, state)
             argv = [sys.executable, "-I", str(PROXY_SCRIPT), "--fd", str(listener.fileno())]
-            argv += ["--target-file", str(paths.target)]
+            argv += ["--metrics-fd", str(metrics.fileno()), "--target-file", str(paths.target)]
             env = {ROOT_VAR: str(self.root), TAG_VAR: record["tag"]}
-            popen = _spawn(
-                argv, cwd=paths.dir, log=paths.logs / "proxy.log", env=env, fds=(listener.fileno(),)
-            )
+            popen = _spawn(argv, cwd=paths.dir, log=paths.logs / "proxy.log", env=env,
+                           fds=(listener.fileno(), metrics.fileno()))
         finally:
             listener.close()
+            metrics.close()
         _record_started(record, popen)
         _save_state(paths, state)
 
@@ -291,7 +302,7 @@ class LocalRuntime:
                     raise DeployError(f"{name}: cannot listen on {self.host}:{port}: {exc}") from exc
         raise DeployError(f"{name}: every public port in {lo}-{hi} is taken; widen CODEMIND_PUBLIC_PORTS")
 
-    def _recover(self, paths: _Paths, state: dict, artifact: str) -> dict | None:
+    def _recover(self, paths: _Paths, state: dict, artifact: str, faults: dict) -> dict | None:
         """Finish what an interrupted deploy left: adopt its new process if wanted and healthy, else remove it."""
         if state.get("retiring"):
             for record in state["retiring"]:
@@ -301,18 +312,21 @@ class LocalRuntime:
         pending = state.get("pending")
         if pending is None:
             return None
-        if pending["artifact"] == artifact and _owned(pending) and _probe(self.host, pending["port"], 1.0)[0]:
+        wanted = pending["artifact"] == artifact and pending.get("faults", {}) == faults
+        if wanted and _owned(pending) and _probe(self.host, pending["port"], 1.0)[0]:
             return pending
         self._discard_pending(paths, state)
         return None
 
-    def _serves(self, paths: _Paths, state: dict, live: dict | None, artifact: str) -> bool:
-        if not live or live["artifact"] != artifact or not _owned(live):
+    def _serves(self, paths: _Paths, state: dict, live: dict | None, artifact: str, faults: dict) -> bool:
+        # The same artifact started with other fault settings is another version: a drill must get what it asks.
+        if not live or live["artifact"] != artifact or live.get("faults", {}) != faults or not _owned(live):
             return False
-        _write_target(paths, self.host, live["port"])
+        _write_target(paths, self.host, live)
         return _probe(self.host, state["port"], 1.0)[0]
 
     def _start(self, paths: _Paths, state: dict, artifact: str, bundle_dir: Path, extra_env: Mapping) -> dict:
+        faults = _faults_of(extra_env)
         live = state.get("live") or {}
         color = "green" if live.get("color") == "blue" else "blue"
         release = _stage_release(paths, color, bundle_dir)
@@ -325,6 +339,7 @@ class LocalRuntime:
             bundle_dir=str(bundle_dir),
             release_dir=str(release),
             log=str(log),
+            faults=faults,
         )
         # Saved before spawning: if we die right after, the tag still leads to the process.
         state["pending"] = record
@@ -342,7 +357,7 @@ class LocalRuntime:
             sys.executable,
             "-m",
             "uvicorn",
-            "service.app:app",
+            SERVICE_APP,
             "--host",
             self.host,
             "--port",
@@ -373,7 +388,7 @@ class LocalRuntime:
     def _cut_over(self, paths: _Paths, state: dict, new: dict) -> str | None:
         new["phase"] = "cutover"
         _save_state(paths, state)
-        _write_target(paths, self.host, new["port"])
+        _write_target(paths, self.host, new)
         # The proxy reads the target after accept, so these connections already reach the new version.
         detail = ""
         for _ in range(3):
@@ -432,7 +447,7 @@ class LocalRuntime:
     def _discard_pending(self, paths: _Paths, state: dict) -> None:
         live = state.get("live")
         # Point back first: an interrupted deploy may already have cut over to the process we kill.
-        _write_target(paths, self.host, live["port"] if _owned(live) else None)
+        _write_target(paths, self.host, live if _owned(live) else None)
         _terminate(state["pending"], self.stop_grace_s, self.root)
         state["pending"] = None
         _save_state(paths, state)
@@ -478,6 +493,7 @@ class LocalRuntime:
         proc = _owned(live)
         proxy = _owned(state.get("proxy"))
         healthy = bool(proc and proxy) and _probe(self.host, state["port"], self.probe_timeout_s)[0]
+        metrics_port = state["proxy"].get("metrics_port") if proxy else None
         uptime = rss = None
         if proc:
             with contextlib.suppress(psutil.Error):
@@ -495,6 +511,8 @@ class LocalRuntime:
             memory_rss_bytes=rss,
             proxy_pid=proxy.pid if proxy else None,
             started_at=live["started_at"],
+            metrics_url=f"{self.url(metrics_port)}/metrics" if metrics_port else None,
+            faults=tuple(sorted(live.get("faults", {}).items())),
         )
 
     # ---- files ------------------------------------------------------------------------------
@@ -563,8 +581,14 @@ def _save_state(paths: _Paths, state: dict) -> None:
     _atomic_write(paths.state, json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
-def _write_target(paths: _Paths, host: str, port: int | None) -> None:
-    text = f"{host}:{port}\n" if port else ""
+def _write_target(paths: _Paths, host: str, record: dict | None) -> None:
+    """Point the proxy at a version's process (`host:port artifact color`), or at nothing."""
+    # The proxy reads whitespace-separated words; an artifact name never has any, but must not break it.
+    text = ""
+    if record:
+        words = [f"{host}:{record['port']}"]
+        words += ["_".join(str(record.get(k) or "-").split()) for k in ("artifact", "color")]
+        text = " ".join(words) + "\n"
     with contextlib.suppress(FileNotFoundError):
         if paths.target.read_text() == text:
             return
@@ -588,8 +612,24 @@ def _stage_release(paths: _Paths, color: str, bundle_dir: Path) -> Path:
         shutil.rmtree(stale, ignore_errors=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(bundle_dir, staging, symlinks=True, ignore=ignore)
+    # After the bundle's files: the platform's layer wins over a file of the same name a model may have written
+    # (removed first, so a symlink of that name cannot redirect the copy).
+    layer = staging / f"{SUPPORT_MODULE}.py"
+    layer.unlink(missing_ok=True)
+    shutil.copyfile(SUPPORT_SCRIPT, layer)
     staging.rename(release)
     return release
+
+
+def _faults_of(env: Mapping[str, str]) -> dict[str, str]:
+    """The CODEMIND_FAULT_* settings a deploy asks for, checked; a bad value is a DeployError naming it."""
+    from codemind_dagster.resources.service_support import FAULT_VARS, FaultConfigError, Faults
+
+    try:
+        Faults.from_env(env)
+    except FaultConfigError as exc:
+        raise DeployError(f"fault injection: {exc}") from None
+    return {k: env[k] for k in FAULT_VARS if env.get(k, "").strip()}
 
 
 def _rotate_log(log: Path) -> Path:

@@ -14,6 +14,10 @@ TEMPLATES = {
     "template_test_contract_api.py": "test_contract_api.py",
     "template_contract_support.py": "contract_support.py",
 }
+# The platform layer every release runs in front of the app (GET /metrics); the suite checks it with the
+# service's own routes, so it ships a copy, as the runtime does (resources/runtime.py).
+PLATFORM_LAYER = _HERE.parents[1] / "resources" / "service_support.py"
+PLATFORM_MODULE = "codemind_service.py"
 
 
 def render_contract_suite(intent: Intent) -> dict[str, str]:
@@ -24,5 +28,6 @@ def render_contract_suite(intent: Intent) -> dict[str, str]:
     """
     files = {f"{SUITE_DIR}/{target}": (_HERE / source).read_text(encoding="utf-8")
              for source, target in TEMPLATES.items()}
+    files[f"{SUITE_DIR}/{PLATFORM_MODULE}"] = PLATFORM_LAYER.read_text(encoding="utf-8")
     files[f"{SUITE_DIR}/intent.json"] = json.dumps(intent.canonical(), indent=2, sort_keys=True) + "\n"
     return dict(sorted(files.items()))

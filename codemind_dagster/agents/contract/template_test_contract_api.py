@@ -13,6 +13,7 @@ for _path in (HERE, HERE.parent):  # contract_support, and the bundle root for `
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+import re
 import warnings
 
 import pytest
@@ -29,6 +30,7 @@ from contract_support import (
     Entity,
     Model,
     check_object,
+    describe,
     expect,
     invalid_values,
     same_value,
@@ -517,3 +519,97 @@ def test_removed_operation(api: Api, name: str, op: str) -> None:
         expect(api.delete(e, oid), 404, 405, why=why)
         if obj is not None:
             assert api.exists(e, oid) in (True, None), f"DELETE {e.path}/{oid} deleted it although {why}"
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+# GET /metrics is served by the platform layer every release runs in front of the app (codemind_service.py,
+# shipped with this suite): these tests check it against this service's own routes.
+
+SAMPLE_RE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)")
+LABEL_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(?:,|$)')
+
+
+def parse_exposition(text: str) -> tuple[dict[str, str], list[tuple[str, dict[str, str], float]]]:
+    """Metric types and samples of a Prometheus text exposition; a line that is neither fails the test."""
+    types: dict[str, str] = {}
+    samples = []
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            types[name] = kind
+        elif line.startswith("#") or not line:
+            continue
+        else:
+            m = SAMPLE_RE.fullmatch(line)
+            assert m, f"/metrics line is not a Prometheus sample: {line!r}"
+            labels = dict(LABEL_RE.findall(m.group(2) or ""))
+            samples.append((m.group(1), labels, float(m.group(3))))
+    for name, _, _ in samples:
+        family = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert name in types or family in types, f"/metrics sample {name} has no # TYPE line"
+    return types, samples
+
+
+def series(samples, name: str, **match: str) -> list[tuple[dict[str, str], float]]:
+    return [(labels, v) for n, labels, v in samples if n == name and all(labels.get(k) == x for k, x in match.items())]
+
+
+@pytest.fixture
+def metered():
+    from codemind_service import instrument
+    from service.app import create_app
+
+    with TestClient(instrument(create_app())) as client:
+        yield Api(client, MODEL)
+
+
+def test_metrics(metered: Api) -> None:
+    client = metered.client
+    expect(client.get("/healthz"), 200, why="GET /healthz reports health")
+    listed = [e for e in MODEL.entities if e.has("list")]
+    read = [e for e in MODEL.entities if e.has("read")]
+    for e in listed:
+        expect(metered.list(e), 200, why=f"GET {e.path} lists")
+    for e in read:
+        expect(metered.get(e, MISSING_ID), 404, why=f"GET {e.path}/{MISSING_ID} names no object")
+    resp = client.get("/metrics")
+    assert resp.status_code == 200, f"GET /metrics must answer 200, got {describe(resp)}"
+    ctype = resp.headers.get("content-type", "")
+    assert ctype.startswith("text/plain") and "version=0.0.4" in ctype, f"GET /metrics content-type {ctype!r}"
+    types, samples = parse_exposition(resp.text)
+    assert types.get("http_requests_total") == "counter", "http_requests_total must be a counter"
+    assert types.get("http_request_duration_seconds") == "histogram", "the latency must be a histogram"
+    assert types.get("http_requests_in_flight") == "gauge", "in-flight requests must be a gauge"
+    for name in ("process_cpu_seconds_total", "python_info"):
+        assert name in types, f"/metrics has no process metric {name}"
+
+    assert series(samples, "http_requests_total", method="GET", route="/healthz", status="200"), (
+        "GET /healthz is not counted under route=/healthz, status=200")
+    for e in listed:
+        found = series(samples, "http_requests_total", method="GET", route=e.path, status="200")
+        assert found and found[0][1] >= 1, f"GET {e.path} is not counted under route={e.path}, status=200"
+    template = {e.name: re.compile(re.escape(e.path) + r"/\{[^}/]+\}") for e in read}
+    for e in read:
+        found = [labels for labels, _ in series(samples, "http_requests_total", method="GET", status="404")
+                 if template[e.name].fullmatch(labels["route"])]
+        assert found, f"GET {e.path}/{{id}} 404 is not counted under its route template"
+    routes = {labels.get("route", "") for _, labels, _ in samples}
+    assert not any(str(MISSING_ID) in r for r in routes), f"ids leaked into route labels: {sorted(routes)}"
+    assert "/metrics" not in routes, "scrapes of /metrics must not count as traffic"
+
+    for labels, count in series(samples, "http_request_duration_seconds_count"):
+        key = {"method": labels["method"], "route": labels["route"]}
+        buckets = series(samples, "http_request_duration_seconds_bucket", **key)
+        values = [v for _, v in sorted(buckets, key=lambda b: float(b[0]["le"]))]
+        assert values == sorted(values), f"histogram buckets of {key} decrease: {values}"
+        assert buckets and values[-1] == count, f"the +Inf bucket of {key} is not its count"
+        answered = sum(v for _, v in series(samples, "http_requests_total", **key))
+        assert answered == count, f"{key}: {answered} requests counted but {count} timed"
+    in_flight = series(samples, "http_requests_in_flight", method="GET")
+    assert in_flight and in_flight[0][1] == 0, f"no request is in flight once all were answered: {in_flight}"
+
+
+def test_metrics_is_read_only(metered: Api) -> None:
+    resp = metered.client.post("/metrics", content=b"{}")
+    assert resp.status_code == 405, f"POST /metrics must answer 405, got {describe(resp)}"

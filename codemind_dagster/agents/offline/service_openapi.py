@@ -54,7 +54,7 @@ def _answer(description: str, schema: dict[str, Any] | None = None) -> dict[str,
 
 def _paths(e: EntitySpec) -> dict[str, Any]:
     ref = {"$ref": f"#/components/schemas/{e.name}"}
-    oid = [{"name": "oid", "in": "path", "required": True, "schema": {"type": "integer"}}]
+    oid = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}]
     paging = [
         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}},
         {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}},
@@ -69,13 +69,13 @@ def _paths(e: EntitySpec) -> dict[str, Any]:
         "list": ("", "get", {"parameters": paging, "responses": {
             "200": _answer("a page in ascending id order", {"$ref": f"#/components/schemas/{e.name}.Page"}),
             "422": invalid}}),
-        "read": ("/{oid}", "get", {"parameters": oid, "responses": {"200": _answer("found", ref), "404": missing}}),
-        "update": ("/{oid}", "patch", {
+        "read": ("/{id}", "get", {"parameters": oid, "responses": {"200": _answer("found", ref), "404": missing}}),
+        "update": ("/{id}", "patch", {
             "parameters": oid,
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
                 "$ref": f"#/components/schemas/{e.name}.Update"}}}},
             "responses": {"200": _answer("updated", ref), "404": missing, "409": conflict, "422": invalid}}),
-        "delete": ("/{oid}", "delete", {"parameters": oid, "responses": {
+        "delete": ("/{id}", "delete", {"parameters": oid, "responses": {
             "204": _answer("deleted, with what cascades from it"), "404": missing,
             "409": _answer("still referenced (on_delete: restrict)", ERROR)}}),
     }
