@@ -62,7 +62,10 @@ def run_demo(settings: Settings, intents_dir: Path, *, auto_approve: bool = True
         if i["name"] not in submitted:
             continue
         last = list(i["environments"])[-1]
-        if not i["environments"][last]["healthy"]:
+        if i.get("gate"):
+            ok = False
+            console.print(f"[red]{i['name']} stopped before {i['gate']['environment']}: {i['gate']['reason']}[/]")
+        elif not i["environments"][last]["healthy"]:
             ok = False
             console.print(f"[red]{i['name']} did not reach {last}: {i['state']}[/]")
     console.print(f"done in {time.monotonic() - started:.1f}s. Deployments keep running; stop them with "

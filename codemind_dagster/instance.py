@@ -22,6 +22,7 @@ POD_DAGSTER_HOME = "/opt/dagster/dagster_home"
 # What a run pod needs from the launching process's environment to build the same definitions.
 PASSED_ENV = ("CODEMIND_PROFILE", "CODEMIND_DATABASE_URL", "CODEMIND_K8S_CONTEXTS", "CODEMIND_K8S_NAMESPACES", "CODEMIND_REDIS_URL", "CODEMIND_LLM_ROUTING",
               "CODEMIND_HEALTH_TIMEOUT_S", "CODEMIND_DR_KEEP_RELEASES", PG_URL_ENV,
+              "CODEMIND_LOADTEST_DURATION_S", "CODEMIND_LOADTEST_CONCURRENCY",
               # The production stores: each step pod resolves the same backends (and the secret) itself.
               "CODEMIND_S3_BUCKET", "CODEMIND_S3_ENDPOINT_URL", "CODEMIND_AWS_REGION", "CODEMIND_AWS_SECRET_ID",
               "CODEMIND_AWS_COST", "CODEMIND_AWS_BUDGETS", "CODEMIND_NEO4J_URL", "CODEMIND_NEO4J_USER",

@@ -43,6 +43,9 @@ class Settings(BaseModel):
     backup_retention: int = Field(default=8, ge=1)
     # Production promotion waits while the last successful DR drill is older than this; None: no gate.
     dr_max_validation_age_s: float | None = Field(default=None, gt=0)
+    # The staging load test: how long it drives the mixed workload and with how many concurrent clients.
+    loadtest_duration_s: float = Field(default=3.0, gt=0, le=3600)
+    loadtest_concurrency: int = Field(default=4, ge=1, le=256)
     dr_keep_releases: bool = False  # k8s: leave the releases a drill redeployed into the dr cluster running
     redis_url: str | None = None
     llm_routing: Literal["offline", "providers"] = "offline"
@@ -96,6 +99,8 @@ class Settings(BaseModel):
             "backup_retention": e.get("CODEMIND_BACKUP_RETENTION"),
             "dr_max_validation_age_s": e.get("CODEMIND_DR_MAX_VALIDATION_AGE_S"),
             "dr_keep_releases": e.get("CODEMIND_DR_KEEP_RELEASES"),
+            "loadtest_duration_s": e.get("CODEMIND_LOADTEST_DURATION_S"),
+            "loadtest_concurrency": e.get("CODEMIND_LOADTEST_CONCURRENCY"),
             "redis_url": e.get("CODEMIND_REDIS_URL"),
             "llm_routing": e.get("CODEMIND_LLM_ROUTING"),
             "llm_routes": e.get("CODEMIND_LLM_ROUTES"),

@@ -16,7 +16,7 @@ def platform_status(settings: Settings, db: PlatformDB, runtime) -> dict[str, An
     """The JSON document of `codemind status --json`."""
     from codemind_dagster.resources.platform import PromotionPolicyResource
 
-    policy = PromotionPolicyResource(dr_max_validation_age_s=settings.dr_max_validation_age_s)
+    policy = PromotionPolicyResource.from_settings(settings)
     decisions = {s.intent: s for s in release_states(db, policy.dr_hold(db))}
     live = db.live_deployments()
     rows = db.intent_rows()
@@ -41,7 +41,8 @@ def platform_status(settings: Settings, db: PlatformDB, runtime) -> dict[str, An
                 "pid": rt.pid if rt else None,
             }
         held = any(p.status == "stopped" for p in db.promotions(row.name))
-        state = "stopped" if held else _state(row, report, checks, decisions.get(row.name), environments, envs)
+        release = decisions.get(row.name)
+        state = "stopped" if held else _state(row, report, checks, release, environments, envs)
         intents.append({
             "name": row.name, "state": state,
             "tests": {"passed": report.passed if report else 0, "failed": report.failed if report else 0},
@@ -49,11 +50,20 @@ def platform_status(settings: Settings, db: PlatformDB, runtime) -> dict[str, An
             "checks": checks, "environments": environments,
             "llm_cost_usd": round(db.llm_spend(intent=row.name), 6),
             "error": row.error,
+            # Why the release does not move on, when a gate holds it (the staging load test's SLO verdict).
+            "gate": _gate(release),
         })
     from codemind_dagster.resources.budget_alerts import alerts_for_status
 
     return {"intents": intents, "rejected": [{"file": r.file, "error": r.error} for r in db.rejections()],
             "budget_alerts": alerts_for_status(db, daily_budget_usd=settings.daily_llm_budget_usd)}
+
+
+def _gate(release) -> dict[str, str] | None:
+    if release is None or release.decision.action != "slo_failed":
+        return None
+    d = release.decision
+    return {"environment": d.environment, "reason": d.reason}
 
 
 def _state(row, report, checks, release, environments, envs) -> str:
@@ -70,6 +80,8 @@ def _state(row, report, checks, release, environments, envs) -> str:
         return f"awaiting approval for {d.environment}"
     if d.action == "await_dr":
         return "awaiting DR validation for production"
+    if d.action == "slo_failed":
+        return f"held before {d.environment}: {d.reason}"
     if d.action == "blocked":
         return "failed" if "failed" in d.reason else "blocked"
     return f"promoting to {d.environment}"

@@ -215,3 +215,18 @@ def neo4j_graph(neo4j_server):
         yield store
     finally:
         store.close()
+
+
+@pytest.fixture
+def rt(tmp_path: Path):
+    """A LocalRuntime under the test's temp dir; every process it started is gone afterwards."""
+    from codemind_dagster.resources.runtime import LocalRuntime
+    from tests.runtime_procs import ours
+
+    # A generous timeout costs nothing when healthy; the failure tests use their own short one.
+    runtime = LocalRuntime(tmp_path / "runtime", health_timeout_s=30, stop_grace_s=3)
+    try:
+        yield runtime
+    finally:
+        runtime.stop_all()
+        assert ours(runtime.root) == []

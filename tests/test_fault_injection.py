@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
 from codemind_dagster.agents.offline.service_codegen import render_service
 from codemind_dagster.domain.code import write_bundle
 from codemind_dagster.domain.intent import parse_intent_text
-from codemind_dagster.resources.runtime import ROOT_VAR, DeployError, LocalRuntime
+from codemind_dagster.resources.runtime import DeployError, LocalRuntime
 from codemind_dagster.resources.service_support import (
     ERROR_RATE_VAR,
     LATENCY_VAR,
@@ -165,25 +163,8 @@ def test_no_faults_no_fault_metrics(service_app) -> None:
 # ------------------------------------------------------------------------------------ deployed
 
 
-def ours(root: Path) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(ROOT_VAR) == str(root.resolve()):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
 
 
-@pytest.fixture
-def rt(tmp_path: Path) -> Iterator[LocalRuntime]:
-    runtime = LocalRuntime(tmp_path / "runtime", health_timeout_s=30, stop_grace_s=3)
-    try:
-        yield runtime
-    finally:
-        runtime.stop_all()
-        assert ours(runtime.root) == []
 
 
 def test_a_faulty_release_deploys_fails_its_share_and_rolls_back(rt: LocalRuntime, tmp_path: Path, shop) -> None:

@@ -23,7 +23,7 @@ from codemind_dagster.agents.offline.service_codegen import render_service
 from codemind_dagster.domain.code import write_bundle
 from codemind_dagster.domain.intent import parse_intent_text
 from codemind_dagster.resources import service_support
-from codemind_dagster.resources.runtime import ROOT_VAR, LocalRuntime
+from codemind_dagster.resources.runtime import LocalRuntime
 from codemind_dagster.resources.sandbox import SubprocessSandbox
 from codemind_dagster.resources.service_support import instrument, path_template
 
@@ -74,25 +74,8 @@ def shop_bundle(tmp_path: Path, shop) -> Path:
     return root
 
 
-def ours(root: Path) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(ROOT_VAR) == str(root.resolve()):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
 
 
-@pytest.fixture
-def rt(tmp_path: Path) -> Iterator[LocalRuntime]:
-    runtime = LocalRuntime(tmp_path / "runtime", health_timeout_s=30, stop_grace_s=3)
-    try:
-        yield runtime
-    finally:
-        runtime.stop_all()
-        assert ours(runtime.root) == []
 
 
 # ------------------------------------------------------------------------ the platform layer, in process

@@ -11,7 +11,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -20,7 +20,8 @@ import psutil
 import pytest
 
 from codemind_dagster.resources import runtime as runtime_module
-from codemind_dagster.resources.runtime import ROOT_VAR, DeployError, LocalRuntime
+from codemind_dagster.resources.runtime import DeployError, LocalRuntime
+from tests.runtime_procs import ours
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,16 +105,6 @@ def gone(pid: int, within_s: float = 5.0) -> bool:
         time.sleep(0.05)
 
 
-def ours(root: Path) -> list[psutil.Process]:
-    """Running processes started by the runtime rooted at `root`, found by their environment."""
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(ROOT_VAR) == str(root.resolve()):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
 
 
 def version(url: str) -> str:
@@ -135,15 +126,6 @@ def bundle(tmp_path: Path) -> Callable[[str, str], Path]:
     return make
 
 
-@pytest.fixture
-def rt(tmp_path: Path) -> Iterator[LocalRuntime]:
-    # A generous timeout costs nothing when healthy; the failure tests use their own short one.
-    runtime = LocalRuntime(tmp_path / "runtime", health_timeout_s=30, stop_grace_s=3)
-    try:
-        yield runtime
-    finally:
-        runtime.stop_all()
-        assert ours(runtime.root) == []
 
 
 def deploy(rt: LocalRuntime, artifact: str, bundle_dir: Path, env: str = "dev"):

@@ -4,26 +4,49 @@
 import dagster as dg
 
 from codemind_dagster.assets.partitions import intent_partitions
-from codemind_dagster.domain.intent import ENVIRONMENTS
+from codemind_dagster.domain.intent import ENVIRONMENTS, Intent
+from codemind_dagster.domain.loadtest import (
+    GATE_PREFIX,
+    LoadTestResult,
+    evaluate_slo,
+    gate_message,
+    is_gate_hold,
+)
+from codemind_dagster.resources.database import PlatformDB
 from codemind_dagster.resources.platform import (
     ArtifactStoreResource,
     DatabaseResource,
     IntentStoreResource,
+    PromotionPolicyResource,
     RuntimeResource,
 )
 
 ARTIFACT_TAG = "codemind/artifact"
 OWNERS = ["team:platform"]
+LOAD_TEST_ENV = "staging"
+SLO_CHECK = "load_test_meets_slo"
 
 
 def _deployment_asset(env: str, upstream: str) -> dg.AssetsDefinition:
+    load_tested = env == LOAD_TEST_ENV
+    description = f"The release running in {env}: blue/green cutover, automatic rollback when unhealthy."
+    if load_tested:
+        description += (" Each deploy is load tested (creates, reads, lists, updates from the intent); with an "
+                        "slo in the intent, a miss keeps the release out of the next environment.")
+    # Not blocking in Dagster's sense (that would fail the deploy run of a release that is live and healthy):
+    # the promotion rules read the gate's verdict and keep the next environment closed.
+    checks = [dg.AssetCheckSpec(SLO_CHECK, asset=f"{env}_deployment", description=(
+        "The staging load test meets the intent's slo (p95_latency_ms, availability); a failure keeps the "
+        "release out of production."))] if load_tested else None
+
     @dg.asset(
         name=f"{env}_deployment", partitions_def=intent_partitions, group_name="deployment", deps=[upstream],
-        kinds={"python", "fastapi"}, owners=OWNERS, tags={"environment": env},
-        description=f"The release running in {env}: blue/green cutover, automatic rollback when unhealthy.",
+        kinds={"python", "fastapi"}, owners=OWNERS, tags={"environment": env}, description=description,
+        check_specs=checks,
     )
     def deployment(context: dg.AssetExecutionContext, database: DatabaseResource, runtime: RuntimeResource,
-                   artifacts: ArtifactStoreResource, intent_store: IntentStoreResource) -> dg.MaterializeResult:
+                   artifacts: ArtifactStoreResource, intent_store: IntentStoreResource,
+                   promotion_policy: PromotionPolicyResource) -> dg.MaterializeResult:
         name = context.partition_key
         db, rt = database.client(), runtime.runtime()
         intent = intent_store.store().load(name)
@@ -42,6 +65,9 @@ def _deployment_asset(env: str, upstream: str) -> dg.AssetsDefinition:
             status = rt.status(name, previous)
             if status is None or not status.healthy:
                 raise dg.Failure(f"{previous} is not healthy; {env} keeps its current release")
+        held = _gate_hold(db, name, env, artifact)
+        if held:
+            raise dg.Failure(f"{env} keeps its current release: {held}")
         db.request_promotion(name, env, artifact)
         db.set_promotion(name, env, artifact, "running", run_id=context.run_id)
         dep_id = db.start_deployment(name, env, artifact, context.run_id)
@@ -53,13 +79,22 @@ def _deployment_asset(env: str, upstream: str) -> dg.AssetsDefinition:
             db.set_promotion(name, env, artifact, "failed", detail=outcome.reason)
             raise dg.Failure(f"deploy of {name} to {env} {outcome.outcome}: {outcome.reason}",
                              metadata={"previous_artifact": outcome.previous_artifact or "none"})
-        db.finish_deployment(dep_id, "live", url=outcome.url, pid=outcome.pid, detail=outcome.outcome)
-        db.set_promotion(name, env, artifact, "done")
-        return dg.MaterializeResult(metadata={
+        metadata = {
             "url": dg.MetadataValue.url(outcome.url), "artifact": artifact, "pid": outcome.pid,
             "outcome": outcome.outcome, "previous_artifact": outcome.previous_artifact or "none",
             "duration_s": round(outcome.duration_s, 3),
-        })
+        }
+        check_results = []
+        if load_tested:
+            # Before the release is recorded live here: the promotion sensor never sees it without the verdict.
+            passed, detail, load_meta = _load_test_gate(context, db, promotion_policy, intent, envs, artifact,
+                                                        outcome.url)
+            metadata.update(load_meta)
+            check_results.append(dg.AssetCheckResult(check_name=SLO_CHECK, passed=passed,
+                                                     metadata={"detail": detail, **load_meta}))
+        db.finish_deployment(dep_id, "live", url=outcome.url, pid=outcome.pid, detail=outcome.outcome)
+        db.set_promotion(name, env, artifact, "done")
+        return dg.MaterializeResult(metadata=metadata, check_results=check_results or None)
 
     return deployment
 
@@ -68,3 +103,84 @@ deployment_assets = [
     _deployment_asset(env, "release_candidate" if i == 0 else f"{ENVIRONMENTS[i - 1]}_deployment")
     for i, env in enumerate(ENVIRONMENTS)
 ]
+
+
+def _gate_hold(db: PlatformDB, intent: str, env: str, artifact: str) -> str | None:
+    """The load-test gate's reason when it closed `env` to this artifact, else None."""
+    row = next((p for p in db.promotions(intent) if p.environment == env and p.artifact == artifact), None)
+    return row.detail if row is not None and row.status == "failed" and is_gate_hold(row.detail) else None
+
+
+def _load_test_gate(context: dg.AssetExecutionContext, db: PlatformDB, policy: PromotionPolicyResource,
+                    intent: Intent, envs: list[str], artifact: str, url: str) -> tuple[bool, str, dict]:
+    """Load test the release at `url`, record the SLO verdict on the next environment; (passed, detail, metadata)."""
+    slo = intent.spec.slo
+    context.log.info(f"load testing {intent.name} {artifact[:12]} at {url} for {policy.loadtest_duration_s:g} s "
+                     f"with {policy.loadtest_concurrency} concurrent clients")
+    result: LoadTestResult | None = None
+    try:
+        result = policy.load_test(url, intent)
+    except Exception as e:  # noqa: BLE001 - any failure to measure is a failure to show the SLO is met
+        error = f"the load test could not run: {type(e).__name__}: {e}"
+        if slo is None:  # without an slo the figures are evidence, never a gate
+            passed, detail, hold = True, f"no slo in the intent, not gated; {error}", None
+        else:
+            passed, detail, hold = False, error, f"{GATE_PREFIX}SLO not verified for {artifact[:12]}: {error}"
+    else:
+        if slo is None:
+            passed, detail, hold = True, "no slo in the intent: measured, not gated", None
+        else:
+            verdict = evaluate_slo(result, p95_latency_ms=slo.p95_latency_ms, availability=slo.availability)
+            passed, detail = verdict.met, verdict.detail or "the slo sets no objective"
+            hold = None if verdict.met else gate_message(artifact, verdict)
+    nxt = envs[envs.index(LOAD_TEST_ENV) + 1] if envs.index(LOAD_TEST_ENV) + 1 < len(envs) else None
+    if nxt is not None:
+        _record_gate(db, intent.name, nxt, artifact, hold)
+    (context.log.info if passed else context.log.warning)(f"load test of {intent.name}: {detail}")
+    return passed, detail, _load_metadata(result, slo, passed, detail)
+
+
+def _record_gate(db: PlatformDB, intent: str, env: str, artifact: str, hold: str | None) -> None:
+    """Close `env` to the artifact (a failed promotion whose reason is the gate's), or reopen it after a pass."""
+    row = next((p for p in db.promotions(intent) if p.environment == env and p.artifact == artifact), None)
+    if hold is not None:
+        if row is None or row.status in ("requested", "failed", "resume"):
+            db.request_promotion(intent, env, artifact)
+            db.set_promotion(intent, env, artifact, "failed", detail=hold[:2000])
+    elif row is not None and row.status == "failed" and is_gate_hold(row.detail):
+        # A later load test of the same artifact passed: the promotion sensor may take it on from here.
+        db.set_promotion(intent, env, artifact, "resume")
+
+
+def _load_metadata(result: LoadTestResult | None, slo, passed: bool, detail: str) -> dict:
+    """Floats per materialization (the UI plots them over releases) and a table per operation."""
+    meta: dict = {"load_test_slo_met": passed, "load_test_detail": detail}
+    if slo is not None:
+        meta["load_test_slo"] = ", ".join(
+            f"{k} {v:g}{' ms' if k == 'p95_latency_ms' else '%'}"
+            for k, v in (("p95_latency_ms", slo.p95_latency_ms), ("availability", slo.availability)) if v is not None
+        ) or "none"
+    if result is None or result.requests == 0:
+        return meta
+    fl = dg.MetadataValue.float
+    meta.update({
+        "load_test_p50_ms": fl(round(result.p50_ms, 3)), "load_test_p95_ms": fl(round(result.p95_ms, 3)),
+        "load_test_p99_ms": fl(round(result.p99_ms, 3)), "load_test_max_ms": fl(round(result.max_ms, 3)),
+        "load_test_error_rate": fl(round(result.error_rate, 6)),
+        "load_test_availability_percent": fl(round(result.availability_percent, 4)),
+        "load_test_rps": fl(round(result.rps, 1)), "load_test_requests": dg.MetadataValue.int(result.requests),
+        "load_test_errors": dg.MetadataValue.int(result.errors),
+        "load_test_duration_s": fl(round(result.duration_s, 3)),
+        "load_test_concurrency": dg.MetadataValue.int(result.concurrency),
+        "load_test_operations": dg.MetadataValue.table(
+            records=[dg.TableRecord({"operation": o.operation, "requests": o.requests, "errors": o.errors,
+                                     "p50_ms": round(o.p50_ms, 3), "p95_ms": round(o.p95_ms, 3),
+                                     "p99_ms": round(o.p99_ms, 3)}) for o in result.operations],
+            schema=dg.TableSchema(columns=[
+                dg.TableColumn("operation", "string"), dg.TableColumn("requests", "int"),
+                dg.TableColumn("errors", "int"), dg.TableColumn("p50_ms", "float"),
+                dg.TableColumn("p95_ms", "float"), dg.TableColumn("p99_ms", "float")])),
+    })
+    if result.error_examples:
+        meta["load_test_error_examples"] = dg.MetadataValue.md("\n".join(f"- `{e}`" for e in result.error_examples))
+    return meta

@@ -269,6 +269,15 @@ class Slo(BaseModel):
     availability: Annotated[float, Field(gt=0, le=100)] | None = None
     p95_latency_ms: Annotated[int, Field(gt=0, le=600_000)] | None = None
 
+    @model_validator(mode="after")
+    def _rules(self) -> Slo:
+        # 0.999 meant as a fraction would be a 0.999% objective that any service meets: say so instead.
+        if self.availability is not None and self.availability <= 1:
+            raise ValueError(f"availability: availability is a percentage, e.g. 99.9 for 99.9%; {self.availability:g} "
+                             f"would mean {self.availability:g}% (write {self.availability * 100:g} if you meant "
+                             "a fraction)")
+        return self
+
 
 class Budget(BaseModel):
     model_config = Strict

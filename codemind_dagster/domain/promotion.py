@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Action = Literal["deploy", "await_approval", "await_dr", "done", "blocked"]
+from codemind_dagster.domain.loadtest import is_gate_hold
+
+Action = Literal["deploy", "await_approval", "await_dr", "done", "blocked", "slo_failed"]
 
 
 @dataclass(frozen=True)
@@ -29,8 +31,9 @@ def next_step(
     """The next promotion step of one release.
 
     `live` maps environment -> artifact live there; `approved` holds the environments approved for
-    this artifact; `failed` maps environment -> reason for environments where this artifact failed;
-    `dr_hold` says why production must wait for a disaster-recovery drill, if it must.
+    this artifact; `failed` maps environment -> reason for environments where this artifact failed (or that
+    the staging load test closed to it: an SLO it missed); `dr_hold` says why production must wait for a
+    disaster-recovery drill, if it must.
     """
     if not checks_passed:
         return Decision("blocked", environments[0], "blocking checks have not all passed")
@@ -39,6 +42,8 @@ def next_step(
         if live.get(env) == artifact:
             previous = env
             continue
+        if env in failed and is_gate_hold(failed[env]):
+            return Decision("slo_failed", env, failed[env])
         if env in failed:
             return Decision("blocked", env, f"deploy to {env} failed: {failed[env]}")
         if env == "production" and dr_hold:

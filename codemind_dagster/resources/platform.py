@@ -10,9 +10,11 @@ import dagster as dg
 from pydantic import PrivateAttr, SecretStr
 
 from codemind_dagster.resources.database import PlatformDB
-from codemind_dagster.settings import PUBLIC_PORTS
+from codemind_dagster.settings import PUBLIC_PORTS, Settings
 
 if TYPE_CHECKING:
+    from codemind_dagster.domain.intent import Intent
+    from codemind_dagster.domain.loadtest import LoadTestResult
     from codemind_dagster.resources.artifacts import LocalArtifactStore
     from codemind_dagster.resources.graph import SqlGraphStore
     from codemind_dagster.resources.intent_store import IntentStore
@@ -37,9 +39,23 @@ class DatabaseResource(dg.ConfigurableResource):
 
 
 class PromotionPolicyResource(dg.ConfigurableResource):
-    """Conditions of promotion beyond checks and approvals: DR readiness before production."""
+    """Conditions of promotion beyond checks and approvals: DR readiness and the staging load test's SLO."""
 
     dr_max_validation_age_s: float | None = None
+    loadtest_duration_s: float = 3.0
+    loadtest_concurrency: int = 4
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> PromotionPolicyResource:
+        return cls(dr_max_validation_age_s=s.dr_max_validation_age_s, loadtest_duration_s=s.loadtest_duration_s,
+                   loadtest_concurrency=s.loadtest_concurrency)
+
+    def load_test(self, url: str, intent: Intent) -> LoadTestResult:
+        """Drive the intent's mixed workload at `url` for the configured duration and concurrency."""
+        from codemind_dagster.resources.loadtest import run_load_test
+
+        return run_load_test(url, intent, duration_s=self.loadtest_duration_s,
+                             concurrency=self.loadtest_concurrency)
 
     def dr_hold(self, db: PlatformDB) -> str | None:
         """Why production must wait for a DR drill, or None."""

@@ -45,7 +45,7 @@ def local_resources(s: Settings) -> dict[str, Any]:
                                        repair_rounds=s.repair_rounds),
         "runtime": RuntimeResource(root=str(s.runtime_dir), health_timeout_s=s.health_timeout_s,
                                    public_port_low=s.public_ports[0], public_port_high=s.public_ports[1]),
-        "promotion_policy": PromotionPolicyResource(dr_max_validation_age_s=s.dr_max_validation_age_s),
+        "promotion_policy": PromotionPolicyResource.from_settings(s),
         "reports": ReportsResource(root=str(s.reports_dir)),
         "backups": BackupStoreResource(database=db, root=str(s.backups_dir), artifacts_root=str(s.artifacts_dir),
                                        retention=s.backup_retention),
