@@ -118,7 +118,7 @@ def main() -> None:
     import anthropic
     from pydantic import BaseModel
 
-    from codemind_dagster.agents.task import Task
+    from codemind_dagster.domain.task import Task
     from codemind_dagster.resources.database import PlatformDB
     from codemind_dagster.resources.llm.anthropic_provider import AnthropicProvider, messages_request
     from codemind_dagster.resources.llm.cache import SqlResponseCache

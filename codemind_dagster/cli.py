@@ -77,6 +77,7 @@ def intent_submit(file: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the status document as JSON.")
 def status(as_json: bool) -> None:
     """Show every intent: state, tests, checks, environments, LLM cost; and rejected files."""
+    from codemind_dagster.commands.output import print_status
     from codemind_dagster.status import platform_status
 
     s = _settings()
@@ -84,37 +85,7 @@ def status(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
-    _print_status(doc)
-
-
-def console():
-    """Rich console; logs and pipes get full-width lines instead of 80-column wrapping."""
-    from rich.console import Console
-
-    return Console(soft_wrap=True, highlight=False, width=None if sys.stdout.isatty() else 200)
-
-
-def _print_status(doc: dict) -> None:
-    from rich.table import Table
-
-    table = Table(title="CodeMind intents")
-    for col in ("intent", "state", "tests", "coverage", "environments", "LLM $"):
-        table.add_column(col)
-    for i in doc["intents"]:
-        envs = "\n".join(f"{'[green]●[/]' if e['healthy'] else '[red]○[/]'} {env}: {e['url'] or '-'}"
-                         for env, e in i["environments"].items())
-        cov = f"{i['coverage_percent']:.0f}%" if i["coverage_percent"] is not None else "-"
-        state = i["state"] + (f"\n[red]{i['error'][:200]}[/]" if i["error"] else "")
-        table.add_row(i["name"], state, f"{i['tests']['passed']} passed / {i['tests']['failed']} failed", cov,
-                      envs, f"{i['llm_cost_usd']:.4f}")
-    out = console()
-    out.print(table)
-    for r in doc["rejected"]:
-        out.print(f"[red]rejected[/] {r['file']}: {r['error']}")
-    for a in doc.get("budget_alerts", []):
-        out.print(f"[yellow]budget[/] {a['scope']}: {a['threshold_percent']}% "
-                  f"(${float(a['spend_usd']):.4f} of ${float(a['budget_usd']):.4f})"
-                  + (" [red]calls blocked[/]" if a.get("blocking") else ""))
+    print_status(doc)
 
 
 @main.command()
@@ -124,6 +95,8 @@ def _print_status(doc: dict) -> None:
               help="Who approves.")
 def approve(intent_name: str, environment: str, by: str) -> None:
     """Approve the latest release of INTENT for ENVIRONMENT."""
+    from codemind_dagster.resources.approvals import approve_release
+
     s = _settings()
     try:
         msg = approve_release(_db(s), intent_name, environment, by)
@@ -131,25 +104,6 @@ def approve(intent_name: str, environment: str, by: str) -> None:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     click.echo(msg)
-
-
-def approve_release(db, intent_name: str, environment: str, by: str) -> str:
-    """Record an approval of the latest release; the promotion sensor does the rest."""
-    from codemind_dagster.domain.intent import Intent
-
-    row = db.intent_row(intent_name)
-    if row is None:
-        raise ValueError(f"no intent named {intent_name!r}")
-    promo = Intent.model_validate(row.spec).spec.promotion
-    if environment not in promo.require_approval:
-        raise ValueError(f"{intent_name} does not require approval for {environment} "
-                         f"(require_approval: {promo.require_approval or 'none'})")
-    release = db.latest_release(intent_name)
-    if release is None:
-        raise ValueError(f"{intent_name} has no release yet; nothing to approve")
-    new = db.approve(intent_name, environment, release.artifact, by)
-    verb = "approved" if new else "already approved"
-    return f"{verb}: {intent_name} release {release.artifact[:12]} for {environment} (by {by})"
 
 
 @main.command()

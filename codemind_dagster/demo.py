@@ -10,10 +10,11 @@ from codemind_dagster.settings import Settings
 
 def run_demo(settings: Settings, intents_dir: Path, *, auto_approve: bool = True) -> int:
     """Returns the exit code: 0 when every intent reached its last environment and is healthy."""
-    from codemind_dagster.cli import _print_status, approve_release
-    from codemind_dagster.cli import console as make_console
+    from codemind_dagster.commands.output import console as make_console
+    from codemind_dagster.commands.output import print_status
     from codemind_dagster.domain.intent import IntentError
     from codemind_dagster.driver import Driver
+    from codemind_dagster.resources.approvals import approve_release
     from codemind_dagster.resources.intent_store import INTENT_SUFFIXES
     from codemind_dagster.sensors.promotion import release_states
     from codemind_dagster.status import platform_status
@@ -56,7 +57,7 @@ def run_demo(settings: Settings, intents_dir: Path, *, auto_approve: bool = True
 
     driver.run_until_idle(on_idle=approvals)
     doc = platform_status(settings, db, driver.defs.resources["runtime"].runtime())
-    _print_status(doc)
+    print_status(doc)
     ok = True
     for i in doc["intents"]:
         if i["name"] not in submitted:

@@ -125,7 +125,7 @@ def agent_tasks() -> dict[str, Any]:
     import pkgutil
 
     from codemind_dagster import agents
-    from codemind_dagster.agents.task import Task
+    from codemind_dagster.domain.task import Task
 
     found: dict[str, Any] = {}
     for mod in pkgutil.iter_modules(agents.__path__):

@@ -186,8 +186,8 @@ def test_a_service_that_is_down_is_unavailable(examples):
 
 
 def test_gate_hold_comes_before_the_approval():
-    kw = dict(artifact="a", environments=["dev", "staging", "production"], require_approval=["production"],
-              checks_passed=True, approved=set(), live={"dev": "a", "staging": "a"})
+    kw = {"artifact": "a", "environments": ["dev", "staging", "production"], "require_approval": ["production"],
+              "checks_passed": True, "approved": set(), "live": {"dev": "a", "staging": "a"}}
     hold = f"{GATE_PREFIX}SLO missed by a: p95 latency 9.00 ms exceeds p95_latency_ms 1 ms by 8.00 ms"
     d = next_step(failed={"production": hold}, **kw)
     assert (d.action, d.environment, d.reason) == ("slo_failed", "production", hold)

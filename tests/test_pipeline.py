@@ -9,8 +9,8 @@ import httpx
 import psutil
 import pytest
 
-from codemind_dagster.cli import approve_release
 from codemind_dagster.driver import Driver
+from codemind_dagster.resources.approvals import approve_release
 from codemind_dagster.status import platform_status
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from codemind_dagster.agents.task import Task
+from codemind_dagster.domain.task import Task
 from codemind_dagster.resources.llm.cache import (
     CacheEntry,
     NoResponseCache,

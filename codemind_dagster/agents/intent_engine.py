@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from codemind_dagster.agents.task import Task
+from codemind_dagster.domain.task import Task
 from codemind_dagster.domain.intent import (
     ENTITY_RE,
     ENVIRONMENTS,

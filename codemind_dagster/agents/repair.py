@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from codemind_dagster.agents.task import Task, intent_context
+from codemind_dagster.domain.task import Task, intent_context
 from codemind_dagster.domain.code import CodeBundle
 from codemind_dagster.domain.intent import Intent
 

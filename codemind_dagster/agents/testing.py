@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from codemind_dagster.agents.task import Task, intent_context
+from codemind_dagster.domain.task import Task, intent_context
 from codemind_dagster.domain.code import ContractSuite, write_bundle
 from codemind_dagster.domain.intent import Intent
 from codemind_dagster.domain.testing import SuiteResult, TestReport

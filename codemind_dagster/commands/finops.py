@@ -86,7 +86,7 @@ def cost_report(start: str, end: str) -> None:
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from codemind_dagster.cli import console
+    from codemind_dagster.commands.output import console
 
     days = partition_days(start, end)
     settings = Settings.from_env()

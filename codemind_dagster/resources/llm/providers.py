@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from codemind_dagster.agents.task import Task
+from codemind_dagster.domain.task import Task
 from codemind_dagster.resources.llm.usage import Usage, estimate_tokens
 
 

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from pydantic import BaseModel, ValidationError
 
-from codemind_dagster.agents.task import Task
+from codemind_dagster.domain.task import Task
 from codemind_dagster.resources import tables as t
 from codemind_dagster.resources.database import PlatformDB, now
 from codemind_dagster.resources.llm.cache import (
