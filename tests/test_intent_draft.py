@@ -16,6 +16,7 @@ from codemind_dagster.cli import main
 from codemind_dagster.domain.intent import NAME_RE, Intent, parse_intent_text, read_intent_file
 from codemind_dagster.resources.database import PlatformDB
 from codemind_dagster.settings import Settings
+from tests.test_sensors import tick
 
 REQUEST = "Members of our plant club list the plants they own and swap cuttings; a plant always has an owner."
 # A model's answer: valid, but it asks for no approval anywhere (the engine must gate production itself).
@@ -254,15 +255,6 @@ def inbox():
     yield make
     for i in instances:
         i.dispose()
-
-
-def tick(defs, instance, cursor=None):
-    sensor = defs.resolve_sensor_def("intent_sensor")
-    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=defs.resources) as ctx:
-        result = sensor(ctx)
-    for req in result.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
-    return result
 
 
 def test_a_dropped_request_is_drafted_gated_and_queued(standin, use_models, inbox):
