@@ -45,6 +45,10 @@ bench-cost: setup
 bench-proxy: setup
 	.venv/bin/python benchmarks/proxy.py
 
+.PHONY: bench-embeddings
+bench-embeddings: setup  ## similar-intent retrieval per intent (model load, embed, store, query) vs planning
+	.venv/bin/python benchmarks/embeddings.py
+
 k8s-build: setup  ## build etcd and the Kubernetes control plane from the Go module proxy (cached)
 	.venv/bin/python -m devcluster build
 
@@ -77,6 +81,16 @@ aws-down: setup
 
 aws-status: setup
 	.venv/bin/python -m devservices.moto status
+
+.PHONY: monitoring-up monitoring-down monitoring-status
+monitoring-up: setup  ## start Debian's Prometheus scraping every local environment; prints CODEMIND_PROMETHEUS_URL
+	.venv/bin/python -m devservices.prometheus up
+
+monitoring-down: setup
+	.venv/bin/python -m devservices.prometheus down
+
+monitoring-status: setup
+	.venv/bin/python -m devservices.prometheus status
 
 clean:
 	rm -rf .venv .tools .codemind

@@ -132,8 +132,12 @@ def ui(port: int) -> None:
     s.intents_dir.mkdir(parents=True, exist_ok=True)
     click.echo(f"Dagster UI on http://127.0.0.1:{port}  (DAGSTER_HOME={home})")
     click.echo(f"Drop intent files into {s.intents_dir}; they reach production by themselves.")
+    # A workspace file names the code location `codemind_dagster`; `-m` alone would show the module path.
+    workspace = Path(home) / "workspace.yaml"
+    workspace.write_text("load_from:\n  - python_module:\n      module_name: codemind_dagster.definitions\n"
+                         "      location_name: codemind_dagster\n")
     dagster = str(Path(sys.executable).with_name("dagster"))
-    os.execvpe(dagster, [dagster, "dev", "-m", "codemind_dagster.definitions", "-h", "127.0.0.1",
+    os.execvpe(dagster, [dagster, "dev", "-w", str(workspace), "-h", "127.0.0.1",
                          "-p", str(port)], {**os.environ, "CODEMIND_HOME": str(s.home)})
 
 

@@ -46,6 +46,10 @@ class Settings(BaseModel):
     # The staging load test: how long it drives the mixed workload and with how many concurrent clients.
     loadtest_duration_s: float = Field(default=3.0, gt=0, le=3600)
     loadtest_concurrency: int = Field(default=4, ge=1, le=256)
+    # Production's canary: the new version's share of traffic at each step, each watched for canary_pause_s.
+    canary_steps: str = "10,50,100"
+    canary_pause_s: float = Field(default=2.0, ge=0, le=3600)
+    prometheus_url: str | None = None  # the canary analysis reads PromQL here instead of the proxy's counters
     dr_keep_releases: bool = False  # k8s: leave the releases a drill redeployed into the dr cluster running
     redis_url: str | None = None
     llm_routing: Literal["offline", "providers"] = "offline"
@@ -78,6 +82,14 @@ class Settings(BaseModel):
             return int(lo), int(hi)
         return v
 
+    @field_validator("canary_steps")
+    @classmethod
+    def _canary_steps(cls, v: str) -> str:
+        from codemind_dagster.domain.canary import parse_steps
+
+        parse_steps(v, 0.0)  # ValueError names what is wrong
+        return v
+
     @field_validator("public_ports")
     @classmethod
     def _ports_in_range(cls, v: tuple[int, int]) -> tuple[int, int]:
@@ -101,6 +113,9 @@ class Settings(BaseModel):
             "dr_keep_releases": e.get("CODEMIND_DR_KEEP_RELEASES"),
             "loadtest_duration_s": e.get("CODEMIND_LOADTEST_DURATION_S"),
             "loadtest_concurrency": e.get("CODEMIND_LOADTEST_CONCURRENCY"),
+            "canary_steps": e.get("CODEMIND_CANARY_STEPS"),
+            "canary_pause_s": e.get("CODEMIND_CANARY_PAUSE_S"),
+            "prometheus_url": e.get("CODEMIND_PROMETHEUS_URL"),
             "redis_url": e.get("CODEMIND_REDIS_URL"),
             "llm_routing": e.get("CODEMIND_LLM_ROUTING"),
             "llm_routes": e.get("CODEMIND_LLM_ROUTES"),

@@ -39,6 +39,7 @@ def platform_status(settings: Settings, db: PlatformDB, runtime) -> dict[str, An
                 "healthy": bool(rt and rt.healthy),
                 "artifact": rec.artifact if rec else None,
                 "pid": rt.pid if rt else None,
+                "rollout": rt.rollout if rt else None,
             }
         held = any(p.status == "stopped" for p in db.promotions(row.name))
         release = decisions.get(row.name)

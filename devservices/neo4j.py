@@ -9,7 +9,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -245,16 +244,6 @@ def _build(out: Path) -> None:
     _say(f"Neo4j {HARNESS_VERSION} ready in {out} ({time.monotonic() - t0:.0f}s)")
 
 
-def _port_in_use(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
-
-
 class Neo4jServer:
     """A running launcher process: Bolt at `url`, user `user`, password `password`."""
 
@@ -319,7 +308,7 @@ def start(workdir: Path, port: int | None = None, password: str | None = None, t
     if not built():
         raise Neo4jSetupError(f"Neo4j {HARNESS_VERSION} is not built: run `python -m devservices.neo4j build`")
     _require(missing_tools(for_build=False))
-    if port is not None and _port_in_use(port):
+    if port is not None and servers.port_in_use(port):
         raise Neo4jSetupError(f"port {port} on 127.0.0.1 is in use: stop what listens there or omit the port")
     port = port or servers.free_port()
     password = password or secrets.token_urlsafe(16)

@@ -230,3 +230,20 @@ def rt(tmp_path: Path):
     finally:
         runtime.stop_all()
         assert ours(runtime.root) == []
+
+
+@pytest.fixture
+def bundle(tmp_path: Path):
+    """bundle(name, source=HEALTHY): a bundle under the temp dir whose app.py is `source` with its name filled in."""
+    import textwrap
+
+    from tests.runtime_procs import HEALTHY
+
+    def make(name: str, source: str = HEALTHY) -> Path:
+        app = tmp_path / "bundles" / name / "service" / "app.py"
+        app.parent.mkdir(parents=True)
+        app.write_text(textwrap.dedent(source % {"version": name}))
+        return app.parent.parent
+
+    return make
+

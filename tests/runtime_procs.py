@@ -1,4 +1,4 @@
-"""The processes a LocalRuntime started, found by the root it put in their environment."""
+"""What the runtime tests share: a small service to deploy, and the processes a LocalRuntime started."""
 
 from __future__ import annotations
 
@@ -19,3 +19,26 @@ def ours(root: Path) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return found
+
+
+# A bundle's service/app.py answering /healthz, /version (its name) and /slow; `%(version)s` is the name.
+HEALTHY = """
+import os
+import time
+from fastapi import FastAPI
+
+app = FastAPI()
+
+@app.get("/healthz")
+def healthz():
+    return {"status": "ok"}
+
+@app.get("/version")
+def version():
+    return {"version": "%(version)s", "data_dir": os.environ.get("CODEMIND_DATA_DIR")}
+
+@app.get("/slow")
+def slow(seconds: float):
+    time.sleep(seconds)
+    return {"version": "%(version)s"}
+"""

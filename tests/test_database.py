@@ -6,9 +6,9 @@ import pytest
 
 
 def test_migrations_reach_head_and_are_idempotent(db):
-    assert db.schema_revision() == "0005"
+    assert db.schema_revision() == "0006"
     db.migrate()
-    assert db.schema_revision() == "0005"
+    assert db.schema_revision() == "0006"
 
 
 def test_upsert_intent_reports_new_unchanged_changed(db):

@@ -603,6 +603,59 @@ def test_service_namespaces_deny_ingress_by_default():
                     assert any(metadata in ipaddress.ip_network(x) for x in block.get("except", [])), p["metadata"]
 
 
+def _release_objects(env: str, ns: str) -> list[dict]:
+    """What KubeRuntime applies for a release of a sample bundle (production: the canary objects)."""
+    from codemind_dagster.resources import kube_manifests as km
+
+    release = km.Release.of("loyalty-points", env, ns, "ab" * 32, {"CODEMIND_FAULT_ERROR_RATE": "0.5"})
+    return km.release_objects(release, km.WorkloadOptions(), b"bundle", canary=env == "production")
+
+
+@pytest.mark.parametrize("env", ["dev", "production"])
+def test_release_objects_validate_with_kubernetes_validate(env):
+    """A release's built-in objects (ConfigMaps with bundle and service layer, Services, Deployment) validate strictly."""
+    objs = _release_objects(env, f"codemind-{env}")
+    builtin = [o for o in objs if o["apiVersion"] in ("v1", "apps/v1")]
+    assert {o["kind"] for o in builtin} >= {"ConfigMap", "Service"}
+    for o in builtin:
+        assert kubernetes_validate.validate(o, K8S_VERSION, strict=True), o["metadata"]["name"]
+    workload = objs[-1]
+    if workload["kind"] == "Rollout":
+        # A Rollout's template is a PodTemplateSpec: validated as the one of a Deployment.
+        workload = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"},
+                    "spec": {"selector": workload["spec"]["selector"], "template": workload["spec"]["template"]}}
+    assert kubernetes_validate.validate(workload, K8S_VERSION, strict=True)
+
+
+def test_prometheus_may_scrape_what_the_service_pods_announce():
+    """The pods' prometheus.io/* annotations name the container's port and path, and in every namespace the
+    services run in, codemind-monitoring is let in on that port (by a rule without a port list or one naming it)."""
+    for env in ("dev", "staging", "production"):
+        ns = f"codemind-{env}"
+        tpl = _release_objects(env, ns)[-1]["spec"]["template"]
+        ann = tpl["metadata"]["annotations"]
+        assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/path"] == "/metrics"
+        port = int(ann["prometheus.io/port"])
+        [container] = tpl["spec"]["containers"]
+        assert port in {p["containerPort"] for p in container["ports"]}
+        admitted = False
+        for policy in docs("NetworkPolicy", ns):
+            if policy["spec"]["podSelector"] != {}:
+                continue
+            for rule in policy["spec"].get("ingress", []):
+                ports = {p.get("port") for p in rule.get("ports") or []}
+                for peer in rule.get("from", []):
+                    names = set()
+                    sel = peer.get("namespaceSelector") or {}
+                    names |= {v for k, v in (sel.get("matchLabels") or {}).items() if k == "kubernetes.io/metadata.name"}
+                    for e in sel.get("matchExpressions") or []:
+                        if e["key"] == "kubernetes.io/metadata.name" and e["operator"] == "In":
+                            names |= set(e["values"])
+                    if "codemind-monitoring" in names and (not ports or port in ports):
+                        admitted = True
+        assert admitted, f"{ns}: no NetworkPolicy lets codemind-monitoring reach the scrape port {port}"
+
+
 # ---- on the real apiserver ----------------------------------------------------------------------------------
 
 # Creation order: a namespace before what lives in it, a role before its binding (RBAC would allow either

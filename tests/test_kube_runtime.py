@@ -11,9 +11,11 @@ undo) fully.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -33,7 +35,7 @@ from codemind_dagster.resources.clusters import (
     SERVICE_LABEL,
     ClusterMap,
 )
-from codemind_dagster.resources.runtime import DeployError
+from codemind_dagster.resources.runtime import SERVICE_APP, SUPPORT_SCRIPT, DeployError
 
 REPO = Path(__file__).resolve().parents[1]
 INTENT = REPO / "examples" / "intents" / "loyalty-points.yaml"
@@ -145,8 +147,13 @@ def test_deployment_rolls_over_safely_and_runs_the_bundle() -> None:
     (c,) = tpl["spec"]["containers"]
     assert c["image"] == "codemind/service-runtime:py3.11" and c["command"][:2] == ["/bin/sh", "-c"]
     script = c["command"][2]
-    assert f"{m.BUNDLE_MOUNT}/{m.BUNDLE_KEY} {m.APP_DIR}" in script
-    assert script.rstrip().endswith("exec python -m uvicorn service.app:app --host $(POD_IP) --port 8080")
+    assert f"{m.BUNDLE_MOUNT}/{m.BUNDLE_KEY} {m.APP_DIR} {m.LAYER_MOUNT}/codemind_service.py" in script
+    # The platform's service layer in front of the bundle's app, as LocalRuntime starts it.
+    assert script.rstrip().endswith(f"exec python -m uvicorn {SERVICE_APP} --host $(POD_IP) --port 8080")
+    assert SERVICE_APP == "codemind_service:app"
+    assert tpl["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert tpl["metadata"]["annotations"]["prometheus.io/port"] == "8080"
+    assert tpl["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
     env = {e["name"]: e for e in c["env"]}
     assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert env["CODEMIND_DATA_DIR"]["value"] == m.DATA_DIR and env["GREETING"]["value"] == "hi"
@@ -155,9 +162,11 @@ def test_deployment_rolls_over_safely_and_runs_the_bundle() -> None:
     assert c["resources"]["requests"] and c["resources"]["limits"]
     vols = {v["name"]: v for v in tpl["spec"]["volumes"]}
     assert vols["bundle"]["configMap"]["name"] == f"loyalty-points-{ART[:12]}"
+    layer_sha = hashlib.sha256(SUPPORT_SCRIPT.read_bytes()).hexdigest()
+    assert vols["layer"]["configMap"]["name"] == f"loyalty-points-layer-{layer_sha[:10]}"
     assert "emptyDir" in vols["app"] and "emptyDir" in vols["data"]
     mounts = {v["name"]: v["mountPath"] for v in c["volumeMounts"]}
-    assert mounts == {"bundle": m.BUNDLE_MOUNT, "app": m.APP_DIR, "data": m.DATA_DIR}
+    assert mounts == {"bundle": m.BUNDLE_MOUNT, "layer": m.LAYER_MOUNT, "app": m.APP_DIR, "data": m.DATA_DIR}
 
 
 def test_template_hash_follows_what_the_pods_run() -> None:
@@ -170,17 +179,94 @@ def test_template_hash_follows_what_the_pods_run() -> None:
     assert len({h(release()), h(release(artifact="cd" * 32)), h(release(GREETING="x"))}) == 3
     objs = m.release_objects(release(), opts, b"x", canary=False)
     again = m.release_objects(release(), opts, b"x", canary=False)
-    assert [o["kind"] for o in objs] == ["ConfigMap", "Service", "Deployment"]
+    assert [o["kind"] for o in objs] == ["ConfigMap", "ConfigMap", "Service", "Deployment"]
     assert objs == again
     assert m.spec_hash(objs) == objs[-1]["metadata"]["annotations"][m.SPEC_HASH_ANNOTATION]
-    svc = objs[1]["spec"]
+    svc = objs[2]["spec"]
     assert svc["ports"] == [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]
+
+
+def test_pods_get_the_service_layer_beside_an_unchanged_bundle(tmp_path: Path) -> None:
+    """The layer ships in its own ConfigMap named by its hash; the bundle's ConfigMap and archive stay the artifact's."""
+    from codemind_dagster.domain.code import write_bundle
+
+    files = bundle_files("v1")
+    files["codemind_service.py"] = "raise SystemExit('a bundle file must not replace the platform layer')\n"
+    write_bundle(tmp_path / "bundle", files)
+    archive = m.bundle_archive(tmp_path / "bundle")
+    layer = SUPPORT_SCRIPT.read_bytes()
+    opts = m.WorkloadOptions()
+    objs = m.release_objects(release(), opts, archive, canary=False)
+    bundle_cm, layer_cm = objs[0], objs[1]
+    assert base64.b64decode(bundle_cm["binaryData"][m.BUNDLE_KEY]) == archive  # the layer is not in it
+    assert bundle_cm["metadata"]["annotations"][f"{ARTIFACT_ANNOTATION}-sha256"] == hashlib.sha256(archive).hexdigest()
+    assert layer_cm["immutable"] is True and layer_cm["data"] == {"codemind_service.py": layer.decode()}
+    assert layer_cm["metadata"]["annotations"] == {m.LAYER_SHA_ANNOTATION: hashlib.sha256(layer).hexdigest()}
+    assert layer_cm["metadata"]["labels"] == bundle_cm["metadata"]["labels"]  # removed with the release
+
+    # A new platform layer is a new revision of the same artifact; the bundle's ConfigMap does not change.
+    newer = m.release_objects(release(), opts, archive, canary=False, layer=layer + b"\n# v2\n")
+    assert newer[0] == bundle_cm and newer[1]["metadata"]["name"] != layer_cm["metadata"]["name"]
+    tpl = objs[-1]["spec"]["template"]["metadata"]["annotations"][m.TEMPLATE_HASH_ANNOTATION]
+    assert newer[-1]["spec"]["template"]["metadata"]["annotations"][m.TEMPLATE_HASH_ANNOTATION] != tpl
+    assert m.spec_hash(newer) != m.spec_hash(objs)
+
+    # The pod's unpack step, run for real on the ConfigMaps' contents: bundle files, then the layer over them.
+    (tmp_path / "cm").mkdir()
+    (tmp_path / "cm" / m.BUNDLE_KEY).write_bytes(archive)
+    (tmp_path / "cm" / "codemind_service.py").write_bytes(layer)
+    app = tmp_path / "app"
+    app.mkdir()
+    (c,) = objs[-1]["spec"]["template"]["spec"]["containers"]
+    [unpack] = [shlex.split(line) for line in c["command"][2].splitlines() if line.startswith("python -c")]
+    assert unpack[3:] == [f"{m.BUNDLE_MOUNT}/{m.BUNDLE_KEY}", m.APP_DIR, f"{m.LAYER_MOUNT}/codemind_service.py"]
+    subprocess.run([sys.executable, "-c", unpack[2], str(tmp_path / "cm" / m.BUNDLE_KEY), str(app),
+                    str(tmp_path / "cm" / "codemind_service.py")], check=True)
+    assert (app / "codemind_service.py").read_bytes() == layer
+    assert (app / "service" / "app.py").read_text() == files["service/app.py"]
+
+
+def test_canary_traffic_reads_only_the_intents_collections(tmp_path: Path) -> None:
+    """Canary traffic GETs the collections the bundle's openapi.json lists (no path parameters, no /healthz)."""
+    from codemind_dagster.domain.code import write_bundle
+    from codemind_dagster.resources.kube_runtime import traffic_paths
+
+    write_bundle(tmp_path / "b", bundle_files("v1"))
+    spec = json.loads((tmp_path / "b" / "service" / "openapi.json").read_text())
+    assert any("{" in p for p in spec["paths"]) and "/healthz" in spec["paths"]  # both left out below
+    assert traffic_paths(tmp_path / "b") == ("/customers", "/points_transactions", "/rewards")
+    (tmp_path / "b" / "service" / "openapi.json").unlink()
+    assert traffic_paths(tmp_path / "b") == ("/",)  # any path still passes the fault layer
+
+
+def test_bad_fault_settings_are_refused_before_the_api_is_asked(tmp_path: Path) -> None:
+    """CODEMIND_FAULT_* is checked as LocalRuntime checks it, before any request (here: to an API that is down)."""
+    from codemind_dagster.resources.kube_runtime import KubeRuntime, KubeUnreachable
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rt = KubeRuntime(ClusterMap.parse(_kubeconfig(tmp_path / "config", port)))
+    (tmp_path / "b" / "service").mkdir(parents=True)
+    (tmp_path / "b" / "service" / "app.py").write_text("app = None\n")
+    kw = {"service": "shop", "environment": "dev", "artifact": ART, "bundle_dir": tmp_path / "b"}
+    for env, message in (({"CODEMIND_FAULT_ERROR_RATE": "lots"}, "CODEMIND_FAULT_ERROR_RATE must be a number, got 'lots'"),
+                         ({"CODEMIND_FAULT_ERROR_RATE": "1.5"}, "CODEMIND_FAULT_ERROR_RATE must be a share from 0 to 1"),
+                         ({"CODEMIND_FAULT_STATUS": "418", "CODEMIND_FAULT_ERROR_RATE": "1"},
+                          "CODEMIND_FAULT_STATUS must be a 5xx status")):
+        with pytest.raises(DeployError, match=f"^fault injection: {message}") as e:
+            rt.deploy(**kw, env=env)
+        assert not isinstance(e.value, KubeUnreachable)
+    # A good setting gets as far as the API (down here), and `rollout=` of the local runtime's call is accepted.
+    with pytest.raises(KubeUnreachable):
+        rt.deploy(**kw, env={"CODEMIND_FAULT_ERROR_RATE": "0.5"}, rollout=object())
 
 
 def test_production_is_a_canary_rollout_with_istio_routing() -> None:
     objs = m.release_objects(release("production", "codemind-production"), m.WorkloadOptions(), b"x", canary=True)
     by = {(o["kind"], o["metadata"]["name"]): o for o in objs}
-    assert set(by) == {("ConfigMap", f"loyalty-points-{ART[:12]}"), ("Service", "loyalty-points"),
+    layer = m.layer_configmap_name("loyalty-points", SUPPORT_SCRIPT.read_bytes())
+    assert set(by) == {("ConfigMap", f"loyalty-points-{ART[:12]}"), ("ConfigMap", layer), ("Service", "loyalty-points"),
                        ("Service", "loyalty-points-stable"), ("Service", "loyalty-points-canary"),
                        ("DestinationRule", "loyalty-points"), ("VirtualService", "loyalty-points"),
                        ("Rollout", "loyalty-points")}
@@ -188,8 +274,10 @@ def test_production_is_a_canary_rollout_with_istio_routing() -> None:
     ro = by["Rollout", "loyalty-points"]
     assert ro["apiVersion"] == "argoproj.io/v1alpha1"
     canary = ro["spec"]["strategy"]["canary"]
+    # The configured steps, then the analysis gate: the last weight holds until the product has judged it.
     assert canary["steps"] == [{"setWeight": 10}, {"pause": {"duration": "5s"}}, {"setWeight": 50},
-                               {"pause": {"duration": "5s"}}]
+                               {"pause": {"duration": "5s"}}, {"pause": {}}]
+    assert m.rollout_steps([{"setWeight": 20}, {"pause": {}}]) == [{"setWeight": 20}, {"pause": {}}]
     assert canary["stableService"] == "loyalty-points-stable" and canary["canaryService"] == "loyalty-points-canary"
     assert canary["trafficRouting"] == {"istio": {"virtualService": {"name": "loyalty-points", "routes": ["primary"]}}}
     vs = by["VirtualService", "loyalty-points"]["spec"]
@@ -302,11 +390,12 @@ def rt(kube):
         runtime.stop(service, env)
 
 
-def deploy(rt, service: str, env: str, artifact_dir: tuple[str, Path], **kw):
-    rt.made.append((service, env))
+def deploy(rt, service: str, environment: str, artifact_dir: tuple[str, Path], **kw):
+    rt.made.append((service, environment))
     t0 = time.monotonic()
-    out = rt.deploy(service=service, environment=env, artifact=artifact_dir[0], bundle_dir=artifact_dir[1], **kw)
-    print(f"[timing] {service}/{env} {artifact_dir[0][:12]}: {out.outcome} in {time.monotonic() - t0:.1f}s\n"
+    out = rt.deploy(service=service, environment=environment, artifact=artifact_dir[0], bundle_dir=artifact_dir[1],
+                    **kw)
+    print(f"[timing] {service}/{environment} {artifact_dir[0][:12]}: {out.outcome} in {time.monotonic() - t0:.1f}s\n"
           f"    {out.reason}".replace("\n", "\n    "))
     return out
 
@@ -403,6 +492,81 @@ def test_dev_and_staging_serve_the_contract_from_a_real_deployment(kube, rt, sto
     assert {("loyalty-points", "dev"), ("loyalty-points", "staging")} <= listed
     assert len([s for s in rt.list() if s.service == "loyalty-points"]) == len(
         {s.environment for s in rt.list() if s.service == "loyalty-points"})  # no duplicates across contexts
+
+
+@pytest.mark.k8s
+def test_pods_serve_metrics_and_take_fault_injection_from_the_deploy(kube, rt, store) -> None:
+    """Pods run the platform's service layer: GET /metrics answers through the pod, CODEMIND_FAULT_* passed to
+    deploy() fail the service's routes but never /healthz, a fault change is a new revision, and a bad value is
+    refused with nothing applied."""
+    core, apps, _ = api(kube)
+    svc, ns = "faulty", "codemind-dev"
+    v1 = make(store, "v1")
+    out = deploy(rt, svc, "dev", v1)
+    assert out.outcome == "deployed", out.reason
+    [pod] = core.list_namespaced_pod(ns, label_selector=f"{SERVICE_LABEL}={svc}").items
+    assert {k: pod.metadata.annotations[k] for k in ("prometheus.io/scrape", "prometheus.io/port",
+            "prometheus.io/path")} == {"prometheus.io/scrape": "true", "prometheus.io/port": "8080",
+                                      "prometheus.io/path": "/metrics"}
+    assert out.url == f"http://{pod.status.pod_ip}:8080"
+    assert httpx.get(f"{out.url}/customers", timeout=5).status_code == 200
+    assert tag_of(out.url) == "v1"
+    metrics = httpx.get(f"{out.url}/metrics", timeout=5)
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = metrics.text
+    assert 'http_requests_total{method="GET",route="/customers",status="200"} 1' in text
+    assert 'http_requests_total{method="GET",route="/healthz",status="200"}' in text  # the kubelet's probes
+    assert "process_resident_memory_bytes" in text and "codemind_fault_injection_config" not in text
+    assert rt.status(svc, "dev").faults == ()
+
+    # The same artifact with every request failing: a new revision, rolled out because /healthz stays 200.
+    faults = {"CODEMIND_FAULT_ERROR_RATE": "1", "CODEMIND_FAULT_STATUS": "503"}
+    out = deploy(rt, svc, "dev", v1, env=faults)
+    assert out.outcome == "deployed", out.reason
+    assert out.previous_artifact == v1[0]
+    for path in ("/customers", "/release-tag", "/no-such-route"):
+        r = httpx.get(f"{out.url}{path}", timeout=5)
+        assert r.status_code == 503 and r.headers["x-codemind-fault"] == "error", (path, r.status_code, r.text)
+        assert "injected fault (CODEMIND_FAULT_ERROR_RATE=1)" in r.json()["detail"]
+    assert httpx.get(f"{out.url}/healthz", timeout=5).json() == {"status": "ok"}
+    text = httpx.get(f"{out.url}/metrics", timeout=5).text
+    assert 'codemind_fault_injection_config{setting="error_rate"} 1' in text
+    assert 'codemind_faults_injected_total{kind="error"} 3' in text
+    assert 'http_requests_total{method="GET",route="/customers",status="503"} 1' in text
+    st = rt.status(svc, "dev")
+    assert st.healthy and st.faults == tuple(sorted(faults.items()))
+    env = {e.name: e.value for e in apps.read_namespaced_deployment(svc, ns).spec.template.spec.containers[0].env}
+    assert env["CODEMIND_FAULT_ERROR_RATE"] == "1" and env["CODEMIND_FAULT_STATUS"] == "503"
+    assert deploy(rt, svc, "dev", v1, env=faults).outcome == "unchanged"
+
+    # A bad value: a clear error, and neither the live release nor a new service gets anything applied.
+    def objects() -> set[tuple[str, str, str]]:
+        lists = (core.list_namespaced_config_map, core.list_namespaced_service, apps.list_namespaced_deployment)
+        return {(ls.__name__, o.metadata.name, o.metadata.resource_version) for ls in lists for o in ls(ns).items}
+
+    before = objects()
+    generation = apps.read_namespaced_deployment(svc, ns).metadata.generation
+    for name in (svc, "never-applied"):
+        with pytest.raises(DeployError, match=r"fault injection: CODEMIND_FAULT_ERROR_RATE must be a number, "
+                                              r"got 'half'"):
+            deploy(rt, name, "dev", v1, env={"CODEMIND_FAULT_ERROR_RATE": "half"})
+    assert apps.read_namespaced_deployment(svc, ns).metadata.generation == generation
+    assert objects() == before  # nothing in the namespace was created or changed
+    assert not any(name.startswith("never-applied") for _, name, _ in before)
+    assert httpx.get(f"{out.url}/customers", timeout=5).status_code == 503  # the drill still runs
+
+    # Faults off again: another revision, serving normally.
+    out = deploy(rt, svc, "dev", v1)
+    assert out.outcome == "deployed", out.reason
+    assert httpx.get(f"{out.url}/customers", timeout=5).status_code == 200 and rt.status(svc, "dev").faults == ()
+
+    # The layer's ConfigMap deleted by hand: reported (new pods could not start), and put back by the next deploy.
+    layer = m.layer_configmap_name(svc, SUPPORT_SCRIPT.read_bytes())
+    core.delete_namespaced_config_map(layer, ns)
+    assert any(f"ConfigMap {ns}/{layer} with the service layer is gone" in f for f in rt.status(svc, "dev").findings)
+    assert deploy(rt, svc, "dev", v1).ok
+    assert core.read_namespaced_config_map(layer, ns).data["codemind_service.py"] == SUPPORT_SCRIPT.read_text()
+    assert rt.status(svc, "dev").findings == ()
 
 
 @pytest.mark.k8s
@@ -564,6 +728,13 @@ def test_production_canary_walks_the_steps_and_a_failing_canary_is_aborted(kube,
     assert (90, 10) in seen and (50, 50) in seen and seen[-1] == (100, 0)
     assert seen.index((90, 10)) < seen.index((50, 50))
     assert "after step 0 (setWeight 10)" in out.reason and "after step 2 (setWeight 50)" in out.reason
+    # Each pause's traffic was judged on the pods' /metrics, and the last weight only after the analysis gate.
+    judged = [line for line in out.reason.splitlines() if line.strip().startswith("traffic ")]
+    assert len(judged) == 2 and all("pods' /metrics" in j and "passed" in j for j in judged), judged
+    assert judged[0].strip().startswith("traffic at 10%") and judged[1].strip().startswith("traffic at 50%")
+    assert [(r["weight"], r["passed"]) for r in out.canary] == [(10, True), (50, True)], out.canary
+    assert all(r["canary_requests"] >= 20 and r["stable_requests"] >= 20 for r in out.canary)
+    assert out.reason.index("paused at step 4") < out.reason.index("promoted (100% to the new revision)")
     assert poll.failures == [], poll.failures[:5]
     ro = crd.get_namespaced_custom_object("argoproj.io", "v1alpha1", ns, "rollouts", svc)
     assert ro["status"]["phase"] == "Healthy" and ro["status"]["stableRS"] == ro["status"]["currentPodHash"]
@@ -610,6 +781,35 @@ def test_production_canary_walks_the_steps_and_a_failing_canary_is_aborted(kube,
     st = rt.status(svc, "production")
     assert st.healthy and st.artifact == v2[0] and tag_of(st.url) == "v2"
     assert any(s.service == svc and s.environment == "production" for s in rt.list())
+
+
+@pytest.mark.k8s
+def test_production_canary_with_injected_errors_is_aborted_on_its_metrics(kube, rt, store) -> None:
+    """A canary that passes every health check but fails half its requests (CODEMIND_FAULT_ERROR_RATE=0.5) is
+    caught by the traffic analysis of the pods' /metrics at the first weight, aborted and undone; the reason
+    carries the figures."""
+    _, _, crd = api(kube, "production")
+    svc, ns = "drill-shop", "codemind-production"
+    v1 = make(store, "v1")
+    assert deploy(rt, svc, "production", v1).outcome == "deployed"
+    with Poller(rt, svc, "production") as poll:
+        out = deploy(rt, svc, "production", v1, env={"CODEMIND_FAULT_ERROR_RATE": "0.5"})
+    assert out.outcome == "rolled_back", out.reason
+    assert out.previous_artifact == v1[0]
+    *_, last = out.canary  # the windows judged, as the deployment asset records them
+    assert last["weight"] == 10 and last["passed"] is False and last["stable_error_rate"] == 0.0, out.canary
+    assert 0.4 <= last["canary_error_rate"] <= 0.6 and last["canary_requests"] >= 20, last  # half of them failed
+    assert "canary analysis" in out.reason and last["detail"] in out.reason and "error rate" in last["detail"]
+    [figures] = [line for line in out.reason.splitlines() if line.strip().startswith("traffic at 10%")]
+    assert "FAILED" in figures and f"canary {last['canary_requests']} requests" in figures, figures
+    assert "injected fault" not in out.reason  # the access log of our own traffic is left out of the log tail
+    assert poll.failures == [], poll.failures[:5]  # stable kept serving
+    ro = crd.get_namespaced_custom_object("argoproj.io", "v1alpha1", ns, "rollouts", svc)
+    assert ro["status"]["phase"] == "Healthy" and not ro["status"].get("abort")
+    env = {e["name"] for e in ro["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "CODEMIND_FAULT_ERROR_RATE" not in env
+    st = rt.status(svc, "production")
+    assert st.healthy and st.faults == () and httpx.get(f"{st.url}/customers", timeout=5).status_code == 200
 
 
 @pytest.mark.k8s

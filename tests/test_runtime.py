@@ -8,10 +8,8 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
-from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -25,26 +23,6 @@ from tests.runtime_procs import ours
 
 REPO = Path(__file__).resolve().parents[1]
 
-HEALTHY = """
-import os
-import time
-from fastapi import FastAPI
-
-app = FastAPI()
-
-@app.get("/healthz")
-def healthz():
-    return {"status": "ok"}
-
-@app.get("/version")
-def version():
-    return {"version": "%(version)s", "data_dir": os.environ.get("CODEMIND_DATA_DIR")}
-
-@app.get("/slow")
-def slow(seconds: float):
-    time.sleep(seconds)
-    return {"version": "%(version)s"}
-"""
 
 BROKEN = """
 from fastapi import FastAPI
@@ -115,15 +93,6 @@ def state(rt: LocalRuntime, env: str = "dev") -> dict:
     return json.loads((rt.root / "shop" / env / "state.json").read_text())
 
 
-@pytest.fixture
-def bundle(tmp_path: Path) -> Callable[[str, str], Path]:
-    def make(name: str, source: str = HEALTHY) -> Path:
-        app = tmp_path / "bundles" / name / "service" / "app.py"
-        app.parent.mkdir(parents=True)
-        app.write_text(textwrap.dedent(source % {"version": name}))
-        return app.parent.parent
-
-    return make
 
 
 

@@ -115,7 +115,7 @@ def ui(chromium, tmp_path_factory) -> UI:
                                     env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and proc.poll() is None:
             try:
                 if httpx.get(f"{url}/server_info", timeout=2).status_code == 200:
                     break
@@ -125,13 +125,14 @@ def ui(chromium, tmp_path_factory) -> UI:
         else:
             pytest.fail("the Dagster UI did not come up: " + log.read_text()[-3000:])
         probe = UI(url, "", shots, env)
-        # The code location loads after the webserver answers; its name is the UI's, not ours to assume.
+        # The code location loads after the webserver answers; the workspace file `codemind ui` writes names it.
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             data = probe.graphql("{ repositoriesOrError { ... on RepositoryConnection { nodes { location { name } } } } }")
             nodes = data["repositoriesOrError"].get("nodes") or []
             if nodes:
                 probe.location = nodes[0]["location"]["name"]
+                assert probe.location == "codemind_dagster", "the UI shows the code location under another name"
                 break
             time.sleep(1)
         else:
@@ -255,7 +256,7 @@ def test_lineage_leads_from_production_back_to_the_intent(page, ui: UI):
     metadata = page.locator("table", has_text="outcome")
     metadata.get_by_role("link", name="http://127.0.0.1:").wait_for()
     assert "deployed" in metadata.inner_text()
-    page.get_by_text("The release running in production").first.wait_for()
+    page.get_by_text("The release serving production").first.wait_for()
     shot(page, ui, "04-production-deployment")
     page.goto("/runs")
     for job in ("deliver_intent", "deploy_dev", "deploy_production"):

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from codemind_dagster.domain.task import Task, intent_context
 from codemind_dagster.domain.code import CodeBundle
 from codemind_dagster.domain.intent import Intent
 from codemind_dagster.domain.plan import ImplementationPlan
+from codemind_dagster.domain.similarity import Neighbour, render_neighbours
+from codemind_dagster.domain.task import Task, intent_context
 
 
 class CodeInput(BaseModel):
     intent: dict
     plan: ImplementationPlan
+    similar: list[Neighbour] = Field(default_factory=list)  # past intents like this one; offline ignores them
 
 
 def code_offline(inp: CodeInput) -> CodeBundle:
@@ -23,10 +25,11 @@ def code_offline(inp: CodeInput) -> CodeBundle:
 
 
 def _render(inp: CodeInput) -> str:
+    similar = render_neighbours(inp.similar)
     return ("Write the service described by the plan for the intent above. Layout: service/app.py exporting "
             "create_app(data_dir) and app; tests in tests/test_service_*.py. The platform runs the app behind "
             "its own layer that serves GET /metrics and honours CODEMIND_FAULT_*: do not implement either.\n"
-            f"<plan>\n{inp.plan.model_dump_json()}\n</plan>")
+            f"<plan>\n{inp.plan.model_dump_json()}\n</plan>" + (f"\n{similar}" if similar else ""))
 
 
 CODE_TASK = Task(

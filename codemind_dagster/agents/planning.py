@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from codemind_dagster.domain.task import Task, intent_context
 from codemind_dagster.domain.intent import Intent
 from codemind_dagster.domain.plan import EntityPlan, ImplementationPlan, Route
+from codemind_dagster.domain.similarity import Neighbour, render_neighbours
+from codemind_dagster.domain.task import Task, intent_context
 
 OFFLINE_RULE_NOTE = "not implemented by the offline provider"
 
 
 class PlanInput(BaseModel):
     intent: dict
+    similar: list[Neighbour] = Field(default_factory=list)  # past intents like this one; offline ignores them
 
 
 def plan_offline(inp: PlanInput) -> ImplementationPlan:
@@ -38,7 +40,10 @@ def plan_offline(inp: PlanInput) -> ImplementationPlan:
 
 
 def _render(inp: PlanInput) -> str:
-    return "Plan a FastAPI service implementing the intent above and the HTTP contract of spec v1."
+    # Neighbours go here, not in the cached intent context: they are not part of the intent.
+    similar = render_neighbours(inp.similar)
+    return ("Plan a FastAPI service implementing the intent above and the HTTP contract of spec v1."
+            + (f"\n{similar}" if similar else ""))
 
 
 PLAN_TASK = Task(

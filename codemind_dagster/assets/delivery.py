@@ -15,7 +15,9 @@ from codemind_dagster.domain.business_model import BusinessModel
 from codemind_dagster.domain.code import bundle_hash
 from codemind_dagster.domain.intent import Intent
 from codemind_dagster.domain.plan import ImplementationPlan
+from codemind_dagster.domain.similarity import Neighbour
 from codemind_dagster.domain.testing import CHECK_NAMES, TestReport, evaluate_checks
+from codemind_dagster.resources.embeddings import Retrieval, SimilarIntentsResource
 from codemind_dagster.resources.llm.router import BudgetExceeded
 from codemind_dagster.resources.platform import (
     ArtifactStoreResource,
@@ -23,6 +25,7 @@ from codemind_dagster.resources.platform import (
     ModelRouterResource,
     TestSandboxResource,
 )
+from codemind_dagster.resources.runtime import SERVICE_APP
 
 OWNERS = ["team:platform"]
 
@@ -43,14 +46,65 @@ def _budget(intent: Intent) -> float | None:
     return intent.spec.budget.llm_usd if intent.spec.budget else None
 
 
+def _llm_cost(db, run_id: str, intent: str, tasks: tuple[str, ...]) -> dict[str, object]:
+    """What the router's ledger recorded for this step's tasks in this run: model, tokens, cost, calls."""
+    rows = [r for r in db.llm_calls(run_id=run_id, intent=intent) if r.task in tasks]
+    models = sorted({f"{r.provider}/{r.model}" for r in rows})
+    return {
+        "llm_model": ", ".join(models) or "none",
+        "llm_calls": dg.MetadataValue.int(len(rows)),
+        "llm_cache_hits": dg.MetadataValue.int(sum(1 for r in rows if r.cache_hit)),
+        "llm_tokens_in": dg.MetadataValue.int(sum(r.input_tokens + r.cache_write_tokens + r.cache_read_tokens
+                                                  for r in rows)),
+        "llm_tokens_out": dg.MetadataValue.int(sum(r.output_tokens for r in rows)),
+        "llm_cost_usd": dg.MetadataValue.float(float(sum(r.cost_usd for r in rows))),
+    }
+
+
+def _neighbours_table(neighbours: list[Neighbour]) -> dg.MetadataValue:
+    return dg.MetadataValue.table(
+        records=[dg.TableRecord({"intent": n.name, "similarity": float(n.similarity), "summary": n.summary})
+                 for n in neighbours],
+        schema=dg.TableSchema(columns=[dg.TableColumn("intent", "string"), dg.TableColumn("similarity", "float"),
+                                       dg.TableColumn("summary", "string")]))
+
+
+def _check_metadata(name: str, report: TestReport, threshold: float) -> dict[str, dg.MetadataValue]:
+    """The figures behind each blocking check, as numbers the UI can sort and plot."""
+    c = report.contract
+    figures: dict[str, dict[str, dg.MetadataValue]] = {
+        "contract_tests_pass": {"passed": dg.MetadataValue.int(c.passed),
+                                "failed": dg.MetadataValue.int(c.failed + c.errors),
+                                "skipped": dg.MetadataValue.int(c.skipped), "total": dg.MetadataValue.int(c.total)},
+        "coverage_threshold": {"coverage_percent": dg.MetadataValue.float(float(report.coverage_percent)),
+                               "threshold_percent": dg.MetadataValue.float(float(threshold))},
+        "no_high_severity_findings": {"high": dg.MetadataValue.int(report.security_high),
+                                      "medium": dg.MetadataValue.int(report.security_medium)},
+    }
+    return figures[name]
+
+
 @dg.asset(partitions_def=intent_partitions, group_name="delivery", kinds={"python"}, owners=OWNERS,
           description="The planning agent's plan: routes, storage, files, rules it will not implement.")
 def implementation_plan(context: dg.AssetExecutionContext, business_intents: Intent,
-                        business_model: BusinessModel, llm: ModelRouterResource) -> ImplementationPlan:
-    plan = llm.router().run(PLAN_TASK, PlanInput(intent=business_intents.canonical()),
-                            intent=business_intents.name, run_id=context.run_id,
-                            intent_budget_usd=_budget(business_intents))
+                        business_model: BusinessModel, llm: ModelRouterResource,
+                        similar_intents: SimilarIntentsResource) -> ImplementationPlan:
+    try:
+        found = similar_intents.retrieve(business_intents)
+    except Exception as e:  # noqa: BLE001 - neighbours are advice: a plan without them beats no plan
+        found = Retrieval([], False, skipped=[f"retrieval failed, planning without neighbours: {e}"])
+    for reason in found.skipped:
+        context.log.warning(f"similar intents: {reason}")
+    router = llm.router()
+    plan = router.run(PLAN_TASK, PlanInput(intent=business_intents.canonical(), similar=found.neighbours),
+                      intent=business_intents.name, run_id=context.run_id,
+                      intent_budget_usd=_budget(business_intents))
     context.add_output_metadata({
+        "similar_intents": _neighbours_table(found.neighbours),
+        "similar_intents_reused": found.reused,
+        "similar_intents_skipped": dg.MetadataValue.md("\n".join(f"- {r}" for r in found.skipped) or "none"),
+        **{f"retrieval_{k}_ms": dg.MetadataValue.float(v) for k, v in found.timings_ms.items()},
+        **_llm_cost(router.db, context.run_id, business_intents.name, (PLAN_TASK.name,)),
         "routes": dg.MetadataValue.md("\n".join(f"- `{r.method} {r.path}` ({r.operation})" for r in plan.routes)),
         "graph_nodes": len(business_model.nodes),
         "rules_not_implemented": dg.MetadataValue.md("\n".join(f"- {r}" for r in plan.rules_not_implemented)
@@ -63,14 +117,24 @@ def implementation_plan(context: dg.AssetExecutionContext, business_intents: Int
           description="The code agent's service bundle, stored by content hash.")
 def generated_code(context: dg.AssetExecutionContext, business_intents: Intent,
                    implementation_plan: ImplementationPlan, llm: ModelRouterResource,
-                   artifacts: ArtifactStoreResource) -> GeneratedCode:
-    bundle = llm.router().run(CODE_TASK, CodeInput(intent=business_intents.canonical(), plan=implementation_plan),
-                              intent=business_intents.name, run_id=context.run_id,
-                              intent_budget_usd=_budget(business_intents))
+                   artifacts: ArtifactStoreResource, similar_intents: SimilarIntentsResource) -> GeneratedCode:
+    # The planning step stored the neighbours of this intent version: read back, not recomputed.
+    try:
+        similar = similar_intents.retrieve(business_intents).neighbours
+    except Exception as e:  # noqa: BLE001 - as in implementation_plan
+        context.log.warning(f"similar intents: retrieval failed, coding without neighbours: {e}")
+        similar = []
+    router = llm.router()
+    bundle = router.run(CODE_TASK, CodeInput(intent=business_intents.canonical(), plan=implementation_plan,
+                                             similar=similar),
+                        intent=business_intents.name, run_id=context.run_id,
+                        intent_budget_usd=_budget(business_intents))
     digest = artifacts.store().put_bundle(bundle.files)
     lines = sum(text.count("\n") for text in bundle.files.values())
     context.add_output_metadata({
         "artifact": digest, "files": len(bundle.files), "lines": lines,
+        "similar_intents": dg.MetadataValue.int(len(similar)),
+        **_llm_cost(router.db, context.run_id, business_intents.name, (CODE_TASK.name,)),
         "rules_not_implemented": dg.MetadataValue.md("\n".join(f"- {r}" for r in bundle.rules_not_implemented)
                                                      or "none"),
     })
@@ -125,9 +189,11 @@ def test_results(context: dg.AssetExecutionContext, business_intents: Intent, ge
         "failures": dg.MetadataValue.md("\n".join(f"- `{f}`" for f in report.failures) or "none"),
         "repairs": dg.MetadataValue.md("\n".join(f"- {r}" for r in repairs) or "none"),
         "evidence": dg.MetadataValue.path(str(evidence)),
+        **_llm_cost(db, context.run_id, intent.name, (CONTRACT_TASK.name, REPAIR_TASK.name)),
     })
     for name, outcome in evaluate_checks(report, sandbox.coverage_threshold).items():
-        yield dg.AssetCheckResult(check_name=name, passed=outcome.passed, metadata={"detail": outcome.detail})
+        yield dg.AssetCheckResult(check_name=name, passed=outcome.passed, metadata={
+            "detail": outcome.detail, **_check_metadata(name, report, sandbox.coverage_threshold)})
 
 
 def _test_artifact(context, intent: Intent, artifact: str, suite, db, store, sandbox: TestSandboxResource):
@@ -166,7 +232,8 @@ def release_candidate(context: dg.AssetExecutionContext, business_intents: Inten
     context.add_output_metadata({
         "artifact": artifact, "repaired": artifact != generated_code.artifact,
         "bundle": dg.MetadataValue.path(str(artifacts.store().bundle_dir(artifact))),
-        "command": "python -m uvicorn service.app:app --host 127.0.0.1 --port $PORT",
+        # What the runtime starts: the platform layer in front of the bundle's own app (resources/runtime.py).
+        "command": f"python -m uvicorn {SERVICE_APP} --host 127.0.0.1 --port $PORT",
         "tests_passed": test_results.passed, "coverage_percent": test_results.coverage_percent,
         "environments": ", ".join(business_intents.spec.promotion.environments),
     })

@@ -22,6 +22,10 @@ from codemind_dagster.resources.platform import (
 )
 
 ARTIFACT_TAG = "codemind/artifact"
+# A drill: `error_rate=0.5 latency_ms=200 status=503` deploys the release with CODEMIND_FAULT_* set, so the
+# canary's analysis and rollback can be exercised on purpose.
+FAULTS_TAG = "codemind/faults"
+CANARY_ENV = "production"
 OWNERS = ["team:platform"]
 LOAD_TEST_ENV = "staging"
 SLO_CHECK = "load_test_meets_slo"
@@ -29,7 +33,12 @@ SLO_CHECK = "load_test_meets_slo"
 
 def _deployment_asset(env: str, upstream: str) -> dg.AssetsDefinition:
     load_tested = env == LOAD_TEST_ENV
-    description = f"The release running in {env}: blue/green cutover, automatic rollback when unhealthy."
+    if env == CANARY_ENV:
+        description = ("The release serving production. A new release takes a growing share of traffic (10%, 50%, "
+                       "100% by default); at each step its error rate and p95 are compared with the stable "
+                       "release's and with the intent's slo, and a worse canary is rolled back.")
+    else:
+        description = f"The release running in {env}: blue/green cutover, automatic rollback when unhealthy."
     if load_tested:
         description += (" Each deploy is load tested (creates, reads, lists, updates from the intent); with an "
                         "slo in the intent, a miss keeps the release out of the next environment.")
@@ -68,22 +77,33 @@ def _deployment_asset(env: str, upstream: str) -> dg.AssetsDefinition:
         held = _gate_hold(db, name, env, artifact)
         if held:
             raise dg.Failure(f"{env} keeps its current release: {held}")
-        db.request_promotion(name, env, artifact)
-        db.set_promotion(name, env, artifact, "running", run_id=context.run_id)
+        faults = _faults_of_tag(context.run.tags.get(FAULTS_TAG))
+        rollout = promotion_policy.rollout(intent, env) if env == CANARY_ENV else None
+        # A drill exercises the rollback path; it is no verdict on the release, so promotions are left alone.
+        promoting = not faults
+        if promoting:
+            db.request_promotion(name, env, artifact)
+            db.set_promotion(name, env, artifact, "running", run_id=context.run_id)
         dep_id = db.start_deployment(name, env, artifact, context.run_id)
         context.log.info(f"deploying {name} {artifact[:12]} to {env}")
+        if faults:
+            context.log.warning(f"fault drill: {name} {artifact[:12]} deploys to {env} with {faults}")
         outcome = rt.deploy(service=name, environment=env, artifact=artifact,
-                            bundle_dir=artifacts.store().bundle_dir(artifact))
+                            bundle_dir=artifacts.store().bundle_dir(artifact), env=faults or None, rollout=rollout)
+        canary_meta = _canary_metadata(outcome.canary)
         if outcome.outcome not in ("deployed", "unchanged"):
             db.finish_deployment(dep_id, outcome.outcome, detail=outcome.reason)
-            db.set_promotion(name, env, artifact, "failed", detail=outcome.reason)
+            if promoting:
+                db.set_promotion(name, env, artifact, "failed", detail=outcome.reason)
             raise dg.Failure(f"deploy of {name} to {env} {outcome.outcome}: {outcome.reason}",
-                             metadata={"previous_artifact": outcome.previous_artifact or "none"})
+                             metadata={"previous_artifact": outcome.previous_artifact or "none", **canary_meta})
         metadata = {
             "url": dg.MetadataValue.url(outcome.url), "artifact": artifact, "pid": outcome.pid,
             "outcome": outcome.outcome, "previous_artifact": outcome.previous_artifact or "none",
-            "duration_s": round(outcome.duration_s, 3),
+            "duration_s": round(outcome.duration_s, 3), **canary_meta,
         }
+        if faults:
+            metadata["faults"] = " ".join(f"{k}={v}" for k, v in sorted(faults.items()))
         check_results = []
         if load_tested:
             # Before the release is recorded live here: the promotion sensor never sees it without the verdict.
@@ -93,7 +113,8 @@ def _deployment_asset(env: str, upstream: str) -> dg.AssetsDefinition:
             check_results.append(dg.AssetCheckResult(check_name=SLO_CHECK, passed=passed,
                                                      metadata={"detail": detail, **load_meta}))
         db.finish_deployment(dep_id, "live", url=outcome.url, pid=outcome.pid, detail=outcome.outcome)
-        db.set_promotion(name, env, artifact, "done")
+        if promoting:
+            db.set_promotion(name, env, artifact, "done")
         return dg.MaterializeResult(metadata=metadata, check_results=check_results or None)
 
     return deployment
@@ -184,3 +205,43 @@ def _load_metadata(result: LoadTestResult | None, slo, passed: bool, detail: str
     if result.error_examples:
         meta["load_test_error_examples"] = dg.MetadataValue.md("\n".join(f"- `{e}`" for e in result.error_examples))
     return meta
+
+
+def _faults_of_tag(tag: str | None) -> dict[str, str]:
+    """CODEMIND_FAULT_* from a drill's `codemind/faults` tag (`error_rate=0.5 latency_ms=200 status=503`)."""
+    from codemind_dagster.resources.service_support import FAULT_VARS
+
+    known = {v.removeprefix("CODEMIND_FAULT_").lower(): v for v in FAULT_VARS}
+    out: dict[str, str] = {}
+    for word in (tag or "").replace(",", " ").split():
+        key, sep, value = word.partition("=")
+        if not sep or key.lower() not in known or not value:
+            raise dg.Failure(f"tag {FAULTS_TAG}={tag!r}: expected words like error_rate=0.5 latency_ms=200 "
+                             f"status=503 (known: {', '.join(sorted(known))}); nothing was deployed")
+        out[known[key.lower()]] = value
+    try:
+        from codemind_dagster.resources.service_support import Faults
+
+        Faults.from_env(out)
+    except ValueError as e:
+        raise dg.Failure(f"tag {FAULTS_TAG}={tag!r}: {e}; nothing was deployed") from None
+    return out
+
+
+def _canary_metadata(rows: tuple[dict, ...]) -> dict:
+    """Each canary step's figures as a table, and the canary's served shares and error rates as floats."""
+    if not rows:
+        return {}
+    columns = [("weight", "int"), ("served_percent", "float"), ("passed", "bool"), ("canary_requests", "int"),
+               ("canary_error_rate", "float"), ("canary_p95_ms", "float"), ("stable_requests", "int"),
+               ("stable_error_rate", "float"), ("stable_p95_ms", "float"), ("source", "string"),
+               ("detail", "string")]
+    last = rows[-1]
+    return {
+        "canary_steps": dg.MetadataValue.table(
+            records=[dg.TableRecord({k: r[k] for k, _ in columns if r[k] is not None}) for r in rows],
+            schema=dg.TableSchema(columns=[dg.TableColumn(k, t) for k, t in columns])),
+        "canary_passed": all(r["passed"] for r in rows),
+        "canary_last_weight": dg.MetadataValue.int(last["weight"]),
+        "canary_error_rate": dg.MetadataValue.float(float(last["canary_error_rate"])),
+    }

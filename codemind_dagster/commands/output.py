@@ -21,6 +21,7 @@ def print_status(doc: dict) -> None:
         table.add_column(col)
     for i in doc["intents"]:
         envs = "\n".join(f"{'[green]●[/]' if e['healthy'] else '[red]○[/]'} {env}: {e['url'] or '-'}"
+                         + (f" [yellow]({e['rollout']})[/]" if e.get("rollout") else "")
                          for env, e in i["environments"].items())
         cov = f"{i['coverage_percent']:.0f}%" if i["coverage_percent"] is not None else "-"
         state = i["state"] + (f"\n[red]{i['error'][:200]}[/]" if i["error"] else "")

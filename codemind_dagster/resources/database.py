@@ -299,6 +299,36 @@ class PlatformDB:
                 c.execute(t.llm_cache.insert().values(
                     key=key, task=task, provider=provider, model=model, response=response, created_at=now()))
 
+    # -- intent embeddings (similar past intents) -----------------------------------------------
+    def intent_embedding(self, intent: str, content_hash: str, model: str) -> dict[str, Any] | None:
+        """The stored vector of one intent text, with the neighbours chosen for it; None if never embedded."""
+        e = t.intent_embeddings.c
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(e.vector, e.neighbours).where(
+                (e.intent == intent) & (e.content_hash == content_hash) & (e.model == model))).first()
+        return None if row is None else {"vector": _unpack(row.vector), "neighbours": row.neighbours}
+
+    def intent_embeddings(self, model: str, *, exclude: str | None = None) -> dict[str, tuple[list[float], str]]:
+        """The newest vector and summary of every embedded intent (but `exclude`), by intent name."""
+        e = t.intent_embeddings.c
+        q = sa.select(e.intent, e.vector, e.summary).where(e.model == model)
+        if exclude is not None:
+            q = q.where(e.intent != exclude)
+        with self.engine.connect() as c:
+            rows = c.execute(q.order_by(e.created_at, e.intent))
+            return {r.intent: (_unpack(r.vector), r.summary) for r in rows}  # later rows replace older ones
+
+    def save_intent_embedding(self, intent: str, content_hash: str, model: str, vector: list[float], *,
+                              summary: str, neighbours: list[dict[str, Any]] | None) -> None:
+        """Store (or replace) the vector of one intent text; it becomes that intent's newest."""
+        e = t.intent_embeddings
+        key = (e.c.intent == intent) & (e.c.content_hash == content_hash) & (e.c.model == model)
+        with self.tx() as c:
+            c.execute(e.delete().where(key))
+            c.execute(e.insert().values(intent=intent, content_hash=content_hash, model=model, dim=len(vector),
+                                        vector=_pack(vector), summary=summary, neighbours=neighbours,
+                                        created_at=now()))
+
     # -- business-model graph (the SQL graph store) --------------------------------------------
     def replace_graph(self, intent: str, nodes: list[dict[str, Any]], edges: list[dict[str, Any]]) -> None:
         with self.tx() as c:
@@ -325,3 +355,18 @@ class PlatformDB:
             edges = list(c.execute(sa.select(e.intent, e.src, e.properties)
                                    .where(e.dst == entity, e.kind == "REFERENCES")))
         return nodes, edges
+
+
+def _pack(vector: list[float]) -> bytes:
+    """float32 little-endian: the same bytes on every platform and in both databases."""
+    import struct
+
+    return struct.pack(f"<{len(vector)}f", *vector)
+
+
+def _unpack(data: bytes) -> list[float]:
+    import struct
+
+    if len(data) % 4:
+        return []  # not float32s: reported as a vector of the wrong dimension, never compared
+    return list(struct.unpack(f"<{len(data) // 4}f", data))

@@ -3,12 +3,19 @@
 Every object carries the labels of resources/clusters.py (MANAGED_BY, SERVICE_LABEL, ENV_LABEL); the workload
 (Deployment or Rollout), its pod template and the bundle's ConfigMap carry ARTIFACT_ANNOTATION too.
 
+Every pod runs the platform's service layer (resources/service_support.py, the same file LocalRuntime copies
+beside each release): it starts `uvicorn codemind_service:app`, which serves GET /metrics (announced to
+Prometheus by the pod template's prometheus.io/* annotations) and honours CODEMIND_FAULT_* in the pod's env.
+
 dev/staging (any environment not in `canary_environments`):
     ConfigMap <service>-<artifact[:12]>  the bundle as tar.gz in binaryData, immutable
+    ConfigMap <service>-layer-<sha[:10]> the service layer (codemind_service.py), immutable; named by its own
+                                         hash, so the bundle's ConfigMap stays the artifact's alone
     Deployment <service>                 RollingUpdate maxSurge 1 / maxUnavailable 0, probes on /healthz
     Service <service>                    port 80 -> 8080
 production:
-    ConfigMap as above; Rollout <service> (Argo Rollouts canary, Istio host-level traffic split);
+    ConfigMaps as above; Rollout <service> (Argo Rollouts canary, Istio host-level traffic split; the steps end in
+    ANALYSIS_GATE, an open pause the product's analysis lifts);
     Services <service> (all of the app's pods, the VirtualService's host), <service>-stable, <service>-canary;
     VirtualService <service> (http route `primary`: stable/canary weights); DestinationRule <service>.
 """
@@ -29,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from codemind_dagster.resources.clusters import ARTIFACT_ANNOTATION, ENV_LABEL, MANAGED_BY, SERVICE_LABEL
+from codemind_dagster.resources.runtime import SERVICE_APP, SUPPORT_MODULE, SUPPORT_SCRIPT
+from codemind_dagster.resources.service_support import METRICS_PATH
 
 FIELD_MANAGER = "codemind"
 IMAGE = "codemind/service-runtime:py3.11"
@@ -39,6 +48,12 @@ BUNDLE_KEY = "bundle.tar.gz"
 # A ConfigMap holds at most 1 MiB; leave room for its metadata.
 MAX_BUNDLE_BYTES = 900 * 1024
 BUNDLE_MOUNT = "/codemind/bundle"
+LAYER_KEY = f"{SUPPORT_MODULE}.py"
+LAYER_MOUNT = "/codemind/layer"
+LAYER_SHA_ANNOTATION = "codemind.dev/service-layer-sha256"  # on the layer's ConfigMap
+# Read by a cluster's Prometheus (kubernetes_sd pod role with the usual relabelling) to scrape every pod.
+PROMETHEUS_ANNOTATIONS = {"prometheus.io/scrape": "true", "prometheus.io/port": str(CONTAINER_PORT),
+                          "prometheus.io/path": METRICS_PATH}
 APP_DIR = "/codemind/app"
 DATA_DIR = "/codemind/data"
 
@@ -57,6 +72,10 @@ ROUTE_NAME = "primary"
 DEFAULT_CANARY_STEPS: tuple[dict[str, Any], ...] = (
     {"setWeight": 10}, {"pause": {"duration": "5s"}}, {"setWeight": 50}, {"pause": {"duration": "5s"}},
 )
+# Appended to a Rollout's steps unless they already end in one: the controller holds the last weight until the
+# product's analysis of that last step has passed and promotes (`kubectl argo rollouts promote`), as an Argo
+# AnalysisRun would gate it, so no step reaches 100% unjudged.
+ANALYSIS_GATE: dict[str, Any] = {"pause": {}}
 
 # The fixed part of a service's environment; the same contract as LocalRuntime (CODEMIND_DATA_DIR etc.).
 _FIXED_ENV = {"CODEMIND_DATA_DIR": DATA_DIR, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
@@ -67,15 +86,19 @@ _SERVICE_NAME = re.compile(r"[a-z]([-a-z0-9]{0,38}[a-z0-9])?")
 _LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 _DURATION = re.compile(r"(\d+)(s|m|h)?")
 
-# Unpacks the bundle with the interpreter the image runs (no tar needed), refusing paths outside APP_DIR.
+# Unpacks the bundle with the interpreter the image runs (no tar needed), refusing paths outside APP_DIR, then
+# adds the service layer. After the bundle's files, as LocalRuntime does: the platform's layer wins over a file of
+# that name a model may have written (removed first, so a symlink of that name cannot redirect the copy).
 _UNPACK = (
-    "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')"
+    "import os, shutil, sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data'); "
+    "layer = os.path.join(sys.argv[2], os.path.basename(sys.argv[3])); "
+    "os.path.lexists(layer) and os.unlink(layer); shutil.copyfile(sys.argv[3], layer)"
 )
 _SCRIPT = (
     "set -eu\n"
-    f"python -c \"{_UNPACK}\" {BUNDLE_MOUNT}/{BUNDLE_KEY} {APP_DIR}\n"
+    f"python -c \"{_UNPACK}\" {BUNDLE_MOUNT}/{BUNDLE_KEY} {APP_DIR} {LAYER_MOUNT}/{LAYER_KEY}\n"
     f"cd {APP_DIR}\n"
-    f"exec python -m uvicorn service.app:app --host $(POD_IP) --port {CONTAINER_PORT}\n"
+    f"exec python -m uvicorn {SERVICE_APP} --host $(POD_IP) --port {CONTAINER_PORT}\n"
 )
 
 
@@ -141,6 +164,9 @@ class Release:
     def configmap(self) -> str:
         return configmap_name(self.service, self.artifact)
 
+    def layer_configmap(self, layer: bytes) -> str:
+        return layer_configmap_name(self.service, layer)
+
 
 # ---- names and labels -----------------------------------------------------------------------------
 
@@ -156,6 +182,10 @@ def check_service_name(service: str) -> str:
 
 def configmap_name(service: str, artifact: str) -> str:
     return f"{service}-{artifact[:12]}"
+
+
+def layer_configmap_name(service: str, layer: bytes) -> str:
+    return f"{service}-layer-{hashlib.sha256(layer).hexdigest()[:10]}"
 
 
 def stable_service(service: str) -> str:
@@ -236,6 +266,20 @@ def bundle_configmap(release: Release, archive: bytes) -> dict[str, Any]:
     }
 
 
+def service_layer() -> bytes:
+    """The platform's service layer as shipped into every pod (the file LocalRuntime copies)."""
+    return SUPPORT_SCRIPT.read_bytes()
+
+
+def layer_configmap(release: Release, layer: bytes) -> dict[str, Any]:
+    meta = _meta(release.layer_configmap(layer), release)
+    meta["annotations"] = {LAYER_SHA_ANNOTATION: hashlib.sha256(layer).hexdigest()}
+    return {
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "immutable": True,
+        "data": {LAYER_KEY: layer.decode()},
+    }
+
+
 # ---- objects --------------------------------------------------------------------------------------
 
 
@@ -244,8 +288,9 @@ def namespace(name: str, environment: str) -> dict[str, Any]:
         "name": name, "labels": {**MANAGED_BY, ENV_LABEL: environment, "istio-injection": "enabled"}}}
 
 
-def pod_template(release: Release, opts: WorkloadOptions) -> dict[str, Any]:
-    """The pod template of a release, annotated with its own hash (TEMPLATE_HASH_ANNOTATION)."""
+def pod_template(release: Release, opts: WorkloadOptions, layer: bytes | None = None) -> dict[str, Any]:
+    """The pod template of a release running `layer` (default: service_layer()), annotated with its own hash."""
+    layer = service_layer() if layer is None else layer
     env: list[dict[str, Any]] = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
     env += [{"name": k, "value": v} for k, v in sorted(_FIXED_ENV.items())]
     env += [{"name": k, "value": v} for k, v in release.env]
@@ -265,18 +310,21 @@ def pod_template(release: Release, opts: WorkloadOptions) -> dict[str, Any]:
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
         "volumeMounts": [
             {"name": "bundle", "mountPath": BUNDLE_MOUNT, "readOnly": True},
+            {"name": "layer", "mountPath": LAYER_MOUNT, "readOnly": True},
             {"name": "app", "mountPath": APP_DIR},
             {"name": "data", "mountPath": DATA_DIR},
         ],
     }
     template: dict[str, Any] = {
         "metadata": {"labels": labels(release.service, release.environment),
-                     "annotations": {ARTIFACT_ANNOTATION: release.artifact}},
+                     "annotations": {ARTIFACT_ANNOTATION: release.artifact, **PROMETHEUS_ANNOTATIONS}},
         "spec": {
             "containers": [container],
             "volumes": [
                 {"name": "bundle", "configMap": {"name": release.configmap,
                                                  "items": [{"key": BUNDLE_KEY, "path": BUNDLE_KEY}]}},
+                {"name": "layer", "configMap": {"name": release.layer_configmap(layer),
+                                                "items": [{"key": LAYER_KEY, "path": LAYER_KEY}]}},
                 {"name": "app", "emptyDir": {"sizeLimit": "64Mi"}},
                 {"name": "data", "emptyDir": {"sizeLimit": "256Mi"}},
             ],
@@ -289,7 +337,7 @@ def pod_template(release: Release, opts: WorkloadOptions) -> dict[str, Any]:
     return template
 
 
-def deployment(release: Release, opts: WorkloadOptions) -> dict[str, Any]:
+def deployment(release: Release, opts: WorkloadOptions, layer: bytes | None = None) -> dict[str, Any]:
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": _meta(release.service, release, artifact=True),
@@ -301,7 +349,7 @@ def deployment(release: Release, opts: WorkloadOptions) -> dict[str, Any]:
             "minReadySeconds": 0,
             "progressDeadlineSeconds": opts.progress_deadline_s,
             "revisionHistoryLimit": opts.revision_history_limit,
-            "template": pod_template(release, opts),
+            "template": pod_template(release, opts, layer),
         },
     }
 
@@ -318,7 +366,7 @@ def service(release: Release, name: str | None = None) -> dict[str, Any]:
     }
 
 
-def rollout(release: Release, opts: WorkloadOptions) -> dict[str, Any]:
+def rollout(release: Release, opts: WorkloadOptions, layer: bytes | None = None) -> dict[str, Any]:
     """An Argo Rollouts canary with Istio host-level traffic splitting between -stable and -canary."""
     return {
         "apiVersion": ROLLOUT_API, "kind": "Rollout",
@@ -328,12 +376,12 @@ def rollout(release: Release, opts: WorkloadOptions) -> dict[str, Any]:
             "selector": {"matchLabels": selector(release.service, release.environment)},
             "progressDeadlineSeconds": opts.progress_deadline_s,
             "revisionHistoryLimit": opts.revision_history_limit,
-            "template": pod_template(release, opts),
+            "template": pod_template(release, opts, layer),
             "strategy": {"canary": {
                 "stableService": stable_service(release.service),
                 "canaryService": canary_service(release.service),
                 "trafficRouting": {"istio": {"virtualService": {"name": release.service, "routes": [ROUTE_NAME]}}},
-                "steps": [copy.deepcopy(s) for s in opts.canary_steps],
+                "steps": rollout_steps(opts.canary_steps),
             }},
         },
     }
@@ -374,25 +422,28 @@ def destination_rule(release: Release) -> dict[str, Any]:
     }
 
 
-def release_objects(release: Release, opts: WorkloadOptions, archive: bytes, *, canary: bool) -> list[dict]:
-    """Everything a release applies, in apply order; the workload last, carrying SPEC_HASH_ANNOTATION."""
-    objs: list[dict] = [bundle_configmap(release, archive)]
+def release_objects(release: Release, opts: WorkloadOptions, archive: bytes, *, canary: bool,
+                    layer: bytes | None = None) -> list[dict]:
+    """Everything a release applies, in apply order: the ConfigMaps first, the workload last with SPEC_HASH_ANNOTATION."""
+    layer = service_layer() if layer is None else layer
+    objs: list[dict] = [bundle_configmap(release, archive), layer_configmap(release, layer)]
     if canary:
         objs += [service(release), service(release, stable_service(release.service)),
                  service(release, canary_service(release.service)),
-                 destination_rule(release), virtual_service(release), rollout(release, opts)]
+                 destination_rule(release), virtual_service(release), rollout(release, opts, layer)]
     else:
-        objs += [service(release), deployment(release, opts)]
+        objs += [service(release), deployment(release, opts, layer)]
     workload = objs[-1]
     workload["metadata"]["annotations"][SPEC_HASH_ANNOTATION] = spec_hash(objs)
     return objs
 
 
 def spec_hash(objs: Iterable[dict]) -> str:
-    """Hash of what was applied, without the bundle bytes (the ConfigMap's name holds the artifact)."""
+    """Hash of what was applied, without the ConfigMaps' contents (their names hold the artifact and layer hashes)."""
     def strip(o: dict) -> dict:
         o = copy.deepcopy(o)
         o.pop("binaryData", None)
+        o.pop("data", None)
         o.get("metadata", {}).get("annotations", {}).pop(SPEC_HASH_ANNOTATION, None)
         return o
 
@@ -439,6 +490,14 @@ def check_canary_steps(steps: Iterable[Mapping[str, Any]] | str | None) -> tuple
             pause_seconds(pause["duration"], i)
         out.append({"pause": dict(pause)})
     return tuple(out)
+
+
+def rollout_steps(steps: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The steps a Rollout gets: the configured ones, then ANALYSIS_GATE unless they end in an open pause."""
+    out = [copy.deepcopy(dict(s)) for s in steps]
+    if not out or out[-1] != ANALYSIS_GATE:
+        out.append(copy.deepcopy(ANALYSIS_GATE))
+    return out
 
 
 def pause_seconds(duration: Any, index: int = 0) -> float:

@@ -4,8 +4,11 @@ dev/staging get a Deployment rolled over with maxSurge 1 / maxUnavailable 0: the
 the new one's pods are Ready (readiness reported by the node's kubelet), and a revision that crashes or never
 gets Ready within the health timeout is undone like `kubectl rollout undo` (the previous ReplicaSet's
 template is restored). production gets an Argo Rollouts canary with Istio weights: the Rollouts controller
-walks the steps, and this module does the product's side (analysis of the canary pods at every step, abort
-and undo to the stable revision on failure or timeout).
+walks the steps, and this module does the product's side: analysis at every step, abort and undo to the stable
+revision on failure or timeout. The analysis probes the canary pods' /healthz and, while it drives read-only
+traffic at both revisions' pods split by the VirtualService's weights, compares the deltas of the canary's and
+the stable pods' GET /metrics (domain/canary.py's `analyze`): failing early on the error rate, and in full
+(error rate and p95) at the end of each step; the last step is held by the Rollout's analysis gate until judged.
 
 Everything a deploy needs to resume lives on the objects (annotations of kube_manifests), so a deployer killed
 mid-way is adopted by the next call; objects are applied with server-side apply (field manager `codemind`)
@@ -18,15 +21,28 @@ The kubernetes package is imported inside functions only: this module loads with
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import http.client
 import json
+import math
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from codemind_dagster.domain.canary import (
+    AnalysisPolicy,
+    ColourCounters,
+    StepAnalysis,
+    WindowStats,
+    analyze,
+    parse_counters,
+    rollback_reason,
+)
 from codemind_dagster.resources import kube_manifests as m
 from codemind_dagster.resources.clusters import (
     ARTIFACT_ANNOTATION,
@@ -36,7 +52,7 @@ from codemind_dagster.resources.clusters import (
     ClusterMap,
 )
 from codemind_dagster.resources.platform import RuntimeResource
-from codemind_dagster.resources.runtime import DeployError, DeployOutcome, RuntimeStatus, _probe
+from codemind_dagster.resources.runtime import DeployError, DeployOutcome, RuntimeStatus, _probe, faults_of
 
 # kind -> (API prefix, plural, namespaced)
 _KINDS: dict[str, tuple[str, str, bool]] = {
@@ -279,6 +295,17 @@ def _pod_failure(pod: Mapping, allowed_restarts: int) -> str | None:
     return None
 
 
+def _faults_in(template: Mapping) -> tuple[tuple[str, str], ...]:
+    """The CODEMIND_FAULT_* settings in a pod's (or pod template's) service container env."""
+    from codemind_dagster.resources.service_support import FAULT_VARS
+
+    for c in (template.get("spec") or {}).get("containers") or []:
+        if c.get("name") == m.CONTAINER:
+            return tuple(sorted((e["name"], e["value"]) for e in c.get("env") or []
+                                if e.get("name") in FAULT_VARS and (e.get("value") or "").strip()))
+    return ()
+
+
 def _set_by(obj: Mapping, path: tuple[str, ...]) -> str:
     """Who changed a field, from managedFields: ` (set by 'kubectl-set')`, or `` when only the platform owns it."""
     owners, ours = set(), False
@@ -313,6 +340,242 @@ class _Measure:
     text: str
 
 
+# ---- canary traffic and its figures ---------------------------------------------------------------
+
+
+def traffic_paths(bundle_dir: Path) -> tuple[str, ...]:
+    """Read-only routes for canary traffic: the GET collections of the bundle's service/openapi.json."""
+    from codemind_dagster.resources.service_support import FAULT_EXEMPT
+
+    try:
+        spec = json.loads((bundle_dir / "service" / "openapi.json").read_text(encoding="utf-8"))
+        paths = sorted(p for p, ops in (spec.get("paths") or {}).items()
+                       if isinstance(ops, Mapping) and "get" in ops and "{" not in p and p not in FAULT_EXEMPT)
+    except (OSError, ValueError, AttributeError):
+        paths = []
+    # Any path passes the fault layer: an unmatched one still shows a faulty canary (and answers 404, no error).
+    return tuple(paths) or ("/",)
+
+
+_TRAFFIC_QUERY = "?limit=1"  # a collection stays cheap to list; also how our requests are told apart in logs
+
+
+def _get(ip: str, path: str, timeout: float) -> bool:
+    """One GET; False when no answer came back (refused, reset, timed out)."""
+    conn = http.client.HTTPConnection(ip, m.CONTAINER_PORT, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        conn.getresponse().read()
+        return True
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
+class _Traffic:
+    """Read-only GETs at both revisions' pods, split by the canary's weight as the mesh would split them."""
+
+    def __init__(self, paths: tuple[str, ...], rps: float, timeout_s: float, workers: int = 4):
+        self.paths, self.timeout_s, self.workers = paths, timeout_s, workers
+        self.interval = workers / rps
+        self._lock = threading.Lock()
+        self._pods: dict[str, list[str]] = {"canary": [], "stable": []}
+        self._weight = 0
+        self._n = 0
+        self.unanswered = {"canary": 0, "stable": 0}  # requests the pods never saw, so their metrics cannot count
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def aim(self, canary: list[str], stable: list[str], weight: int) -> None:
+        with self._lock:
+            self._pods = {"canary": list(canary), "stable": list(stable)}
+            self._weight = max(0, min(100, weight))
+        if not self._threads:
+            self._threads = [threading.Thread(target=self._run, daemon=True, name=f"canary-traffic-{i}")
+                             for i in range(self.workers)]
+            for t in self._threads:
+                t.start()
+
+    def halt(self) -> None:
+        with self._lock:
+            self._pods = {"canary": [], "stable": []}
+
+    def _next(self) -> tuple[str, str, str] | None:
+        with self._lock:
+            n, self._n = self._n, self._n + 1
+            w = self._weight
+            # Spread evenly: exactly w of every 100 requests go to the canary.
+            group = "canary" if (n + 1) * w // 100 > n * w // 100 else "stable"
+            pods = self._pods[group]
+            if not pods:
+                return None
+            return group, pods[n % len(pods)], self.paths[n % len(self.paths)]
+
+    def _run(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            target = self._next()
+            if target is not None:
+                group, ip, path = target
+                if not _get(ip, f"{path}{_TRAFFIC_QUERY}", self.timeout_s):
+                    with self._lock:
+                        self.unanswered[group] += 1
+            next_at += self.interval
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                self._stop.wait(delay)
+            else:
+                next_at = time.monotonic()  # behind (slow answers): no burst to catch up
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(self.timeout_s + 1)
+
+
+def _scrape(ip: str, timeout: float) -> ColourCounters:
+    """A pod's request counters from its GET /metrics, without the kubelet's probes (they are not traffic)."""
+    conn = http.client.HTTPConnection(ip, m.CONTAINER_PORT, timeout=timeout)
+    try:
+        conn.request("GET", m.PROMETHEUS_ANNOTATIONS["prometheus.io/path"], headers={"Connection": "close"})
+        resp = conn.getresponse()
+        body = resp.read().decode("utf-8", errors="replace")
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise OSError(f"GET /metrics answered HTTP {resp.status}")
+    text = "\n".join(line for line in body.splitlines() if 'route="/healthz"' not in line)
+    return parse_counters(text).get("", ColourCounters())
+
+
+def _total(counters: Iterable[ColourCounters]) -> ColourCounters:
+    out = ColourCounters()
+    for c in counters:
+        out.requests += c.requests
+        out.errors += c.errors
+        for le, n in c.buckets.items():
+            out.buckets[le] = out.buckets.get(le, 0.0) + n
+    return out
+
+
+def _figures(w: WindowStats) -> str:
+    p95 = f"{w.p95_ms:.2f} ms" if w.p95_ms is not None else "n/a"
+    return f"{w.requests} requests, {w.errors} errors ({w.error_rate:.2%}), p95 {p95}"
+
+
+class _TrafficAnalysis:
+    """Windows of the canary's and the stable pods' /metrics deltas under driven traffic, judged by `analyze`."""
+
+    source = "pods' /metrics"
+
+    def __init__(self, deploy: _RolloutDeploy, paths: tuple[str, ...]):
+        self.d = deploy
+        self.policy = deploy.rt.analysis
+        # Early verdicts look at errors only: a p95 of the first few answers of a fresh process says little.
+        self.early = dataclasses.replace(self.policy, max_p95_ratio=math.inf)
+        self.traffic = _Traffic(paths, deploy.rt.canary_rps, deploy.rt.probe_timeout_s * 2)
+        self.paths = paths
+        self._base: dict[str, ColourCounters] = {}  # pod name -> counters when the window opened
+        self._now: dict[str, ColourCounters] = {}  # pod name -> counters at the last read
+        self._base_unanswered = dict(self.traffic.unanswered)
+        self._opened = time.monotonic()
+        self._last: tuple[int, WindowStats, WindowStats | None] | None = None
+        self._held: dict[int, float] = {}  # canary weight -> seconds of the window spent at it
+        self.verdicts: list[StepAnalysis] = []  # every window judged, in order (the outcome's `canary` rows)
+        self._weight: int | None = None
+        self._seen = 0.0
+
+    def update(self, canary: list[dict], stable: list[dict], weight: int) -> StepAnalysis | None:
+        """Aims the traffic, reads the window so far; a failing verdict on the error rate alone, else None."""
+        ready = [_pod_ip(p) for p in canary if _pod_ready(p) and _pod_ip(p)]
+        self.traffic.aim(ready, [_pod_ip(p) for p in stable if _pod_ready(p) and _pod_ip(p)], weight)
+        # The controller may pass several steps between two polls: a window is labelled by the weight it spent
+        # the most time at, not by the step it was closed at.
+        now = time.monotonic()
+        if self._weight is not None:
+            self._held[self._weight] = self._held.get(self._weight, 0.0) + now - self._seen
+        # Only time the canary could be sent requests counts (not while its pod starts).
+        self._weight, self._seen = (weight if ready else None), now
+        self._last = self._read(canary, stable, max(self._held, key=self._held.__getitem__, default=weight))
+        _, c, st = self._last
+        if c.requests < self.policy.min_requests:
+            return None
+        verdict = analyze(weight, c, st, self.early, source=self.source)
+        if verdict.passed:
+            return None
+        self.verdicts.append(verdict)
+        return verdict
+
+    def close(self, label: str) -> tuple[_Measure | None, StepAnalysis | None]:
+        """Judges the window (errors and p95) and opens the next; (None, None) while it has too few requests:
+        the window then carries on into the next step."""
+        if self._last is None:
+            return None, None
+        w, c, st = self._last
+        if c.requests < self.policy.min_requests:
+            return None, None
+        verdict = analyze(w, c, st, self.policy, source=self.source)
+        self.verdicts.append(verdict)
+        judged = self.measure(label, verdict)
+        self._open()
+        return judged, verdict
+
+    def measure(self, label: str, v: StepAnalysis) -> _Measure:
+        served = f"{v.served_percent:.1f}%" if v.served_percent is not None else "n/a"
+        stable = _figures(v.stable) if v.stable is not None else "no figures"
+        return _Measure(label, v.passed, (
+            f"traffic at {v.weight}% over {time.monotonic() - self._opened:.1f}s, judged {label} (GET "
+            f"{', '.join(self.paths)}; {self.source}): canary {_figures(v.canary)}; stable {stable}; the canary "
+            f"answered {served}; {'passed' if v.passed else 'FAILED'}: {v.detail}"))
+
+    def stop(self) -> None:
+        self.traffic.stop()
+
+    def pause(self) -> None:
+        """No more requests until the next update (the canary is being promoted or torn down)."""
+        self.traffic.halt()
+        self._weight = None
+
+    def _open(self) -> None:
+        self._base = dict(self._now)
+        self._base_unanswered = dict(self.traffic.unanswered)
+        self._opened = time.monotonic()
+        self._held = {}
+
+    def _read(self, canary: list[dict], stable: list[dict], weight: int
+              ) -> tuple[int, WindowStats, WindowStats | None]:
+        timeout = self.d.rt.probe_timeout_s
+        self._now = {}
+        groups: dict[str, list[str]] = {"canary": [], "stable": []}
+        for group, pods in (("canary", canary), ("stable", stable)):
+            for p in pods:
+                ip, name = _pod_ip(p), p["metadata"]["name"]
+                if not ip or not _pod_ready(p):
+                    continue
+                try:
+                    self._now[name] = _scrape(ip, timeout)
+                except (OSError, http.client.HTTPException, ValueError) as e:
+                    if group == "canary":  # the platform layer serves /metrics: a canary without it is broken
+                        raise _AnalysisError(f"cannot read GET /metrics of canary pod {name} ({ip}): {e}") from e
+                    continue
+                # A pod first seen counts from now: what it answered before (other clients, earlier deploys) is
+                # not this window's.
+                self._base.setdefault(name, self._now[name])
+                groups[group].append(name)
+        out = []
+        for group in ("canary", "stable"):
+            names = groups[group]
+            delta = _total(self._now[n] for n in names).minus(_total(self._base[n] for n in names))
+            lost = self.traffic.unanswered[group] - self._base_unanswered[group]
+            out.append(WindowStats(delta.requests + lost, delta.errors + lost, delta.p95_ms))
+        return weight, out[0], out[1] if groups["stable"] else None
+
+
+class _AnalysisError(Exception):
+    """The analysis could not be taken (a canary pod's metrics unreadable): the canary is not let through."""
+
+
 # ---- the runtime -----------------------------------------------------------------------------------
 
 
@@ -334,6 +597,8 @@ class KubeRuntime:
         request_timeout_s: float = 15.0,
         stop_grace_s: float = 30.0,
         log_lines: int = 30,
+        analysis: AnalysisPolicy | None = None,
+        canary_rps: float = 100.0,
     ) -> None:
         self.clusters = clusters
         self.health_timeout_s = health_timeout_s
@@ -350,6 +615,9 @@ class KubeRuntime:
         self.request_timeout_s = request_timeout_s
         self.stop_grace_s = stop_grace_s
         self.log_lines = log_lines
+        self.analysis = analysis or AnalysisPolicy()
+        # At 10% a step needs min_requests canary answers within a 5 s pause: 100/s gives them in about 2 s.
+        self.canary_rps = canary_rps
         self._apis: dict[str, _Api] = {}
 
     # ---- public API -------------------------------------------------------------------------
@@ -362,8 +630,11 @@ class KubeRuntime:
         artifact: str,
         bundle_dir: Path,
         env: Mapping[str, str] | None = None,
+        rollout: Any = None,  # ignored: production's canary is the Rollout object's steps (options.canary_steps)
     ) -> DeployOutcome:
+        """Roll `artifact` out; CODEMIND_FAULT_* in `env` reach the pods' service layer, checked before anything."""
         started = time.monotonic()
+        faults_of(env or {})  # a bad fault setting is a DeployError naming it, before anything is applied
         target = self._target(environment)
         try:
             release = m.Release.of(service, environment, target.namespace, artifact, env)
@@ -372,8 +643,10 @@ class KubeRuntime:
             raise DeployError(str(e)) from e
         canary = environment in self.canary_environments
         objs = m.release_objects(release, self.options, archive, canary=canary)
-        flow = _RolloutDeploy if canary else _DeploymentDeploy
-        return flow(self, self._api(target.context), release, objs, started).run()
+        if canary:
+            return _RolloutDeploy(self, self._api(target.context), release, objs, started,
+                                  traffic_paths(Path(bundle_dir))).run()
+        return _DeploymentDeploy(self, self._api(target.context), release, objs, started).run()
 
     def status(self, service: str, environment: str) -> RuntimeStatus | None:
         target = self._target(environment)
@@ -529,13 +802,15 @@ class KubeRuntime:
             healthy = _probe(addr, m.CONTAINER_PORT, self.probe_timeout_s)[0]
             start = (pod.get("status") or {}).get("startTime")
             artifact = _ann(pod, ARTIFACT_ANNOTATION) or wanted or ""
+            faults = _faults_in(pod)
         else:
             url, healthy, start, artifact = "", False, None, wanted or ""
+            faults = _faults_in((wl.get("spec") or {}).get("template") or {})
         return RuntimeStatus(
             service=name, environment=environment, url=url, port=m.CONTAINER_PORT, artifact=artifact, pid=None,
             healthy=healthy, uptime_s=_age_s(start), memory_rss_bytes=None, proxy_pid=None,
             started_at=start or wl["metadata"].get("creationTimestamp") or "",
-            pods_ready=sum(_pod_ready(p) for p in pods.values()), findings=findings,
+            pods_ready=sum(_pod_ready(p) for p in pods.values()), findings=findings, faults=faults,
         )
 
     def _hand_edits(self, api: _Api, wl: dict) -> tuple[str, ...]:
@@ -557,8 +832,11 @@ class KubeRuntime:
         if labelled != runs:
             out.append(f"{what}: annotation {ARTIFACT_ANNOTATION} says {str(labelled)[:12]}"
                        f"{_set_by(wl, _ARTIFACT_FIELD)} but its pod template runs {str(runs)[:12]}")
-        bundle = next((v["configMap"].get("name") for v in (tpl.get("spec") or {}).get("volumes") or []
-                       if v.get("name") == "bundle" and "configMap" in v), None)
+        volumes = {v.get("name"): v["configMap"].get("name") for v in (tpl.get("spec") or {}).get("volumes") or []
+                   if "configMap" in v}
+        bundle, layer = volumes.get("bundle"), volumes.get("layer")
+        if layer and api.get("ConfigMap", ns, layer) is None:
+            out.append(f"ConfigMap {ns}/{layer} with the service layer is gone: new pods cannot start")
         if runs and bundle:
             if bundle != f"{name}-{runs[:12]}":
                 out.append(f"{what}: the pod template mounts ConfigMap {bundle}, not the bundle of {runs[:12]}")
@@ -579,6 +857,8 @@ class _Deploy:
     """What the Deployment and the Rollout flows share: applying, pods, diagnosis, outcomes."""
 
     kind = ""
+    # Access log lines of our own requests (probes, scrapes, canary traffic), which would push out what matters.
+    own_requests: tuple[str, ...] = ('"GET /healthz ', '"GET /metrics ')
 
     def __init__(self, rt: KubeRuntime, api: _Api, release: m.Release, objs: list[dict], started: float):
         self.rt, self.api, self.release, self.objs, self.started = rt, api, release, objs, started
@@ -588,6 +868,7 @@ class _Deploy:
         self.want_spec = _ann(self.workload, m.SPEC_HASH_ANNOTATION)
         self.sel = m.selector(release.service, release.environment)
         self.before: dict | None = None  # the workload as this deploy found it
+        self.canary_rows: tuple[dict, ...] = ()  # StepAnalysis.row() of each traffic window the canary was judged on
 
     # ---- objects ----
 
@@ -600,17 +881,24 @@ class _Deploy:
     def ensure_namespace(self) -> None:
         self.api.apply(m.namespace(self.ns, self.release.environment))
 
+    def ensure_configmaps(self) -> None:
+        """The release's ConfigMaps (bundle, service layer), which lead the objects."""
+        for obj in self.objs:
+            if obj["kind"] == "ConfigMap":
+                self.ensure_configmap(obj)
+
     def ensure_configmap(self, cm: dict) -> None:
-        """Created once per artifact (it is immutable); an existing one must hold the same bundle."""
-        want = _ann(cm, f"{ARTIFACT_ANNOTATION}-sha256")
+        """Created once per content (it is immutable); an existing one must hold the same bundle or layer."""
+        key = m.LAYER_SHA_ANNOTATION if _ann(cm, m.LAYER_SHA_ANNOTATION) else f"{ARTIFACT_ANNOTATION}-sha256"
+        what = "service layer" if key == m.LAYER_SHA_ANNOTATION else "bundle"
+        want = _ann(cm, key)
         for _ in range(2):
             have = self.api.get("ConfigMap", self.ns, cm["metadata"]["name"])
             if have is not None:
-                if _ann(have, f"{ARTIFACT_ANNOTATION}-sha256") != want:
+                if _ann(have, key) != want:
                     raise DeployError(
                         f"ConfigMap {self.ns}/{cm['metadata']['name']} on {self.api.where()} exists with another "
-                        f"bundle (sha256 {_ann(have, f'{ARTIFACT_ANNOTATION}-sha256')}, want {want}); delete it "
-                        "and deploy again"
+                        f"{what} (sha256 {_ann(have, key)}, want {want}); delete it and deploy again"
                     )
                 return
             with contextlib.suppress(KubeError):  # 409: created meanwhile; compared on the next pass
@@ -708,9 +996,9 @@ class _Deploy:
             if text.strip() and not text.startswith("(log unavailable"):
                 break
         every = text.rstrip().splitlines()
-        kept = [line for line in every if '"GET /healthz ' not in line]
+        kept = [line for line in every if not any(mark in line for mark in self.own_requests)]
         omitted = len(every) - len(kept)
-        note = [f"({omitted} /healthz access lines omitted)"] if omitted else []
+        note = [f"({omitted} access lines of the platform's own requests omitted)"] if omitted else []
         return "\n".join(note + kept[-self.rt.log_lines:]) or "(the log is empty)"
 
     def diagnose(self, pods: list[dict]) -> str:
@@ -738,7 +1026,7 @@ class _Deploy:
     def outcome(self, outcome: str, url: str, previous: str | None, reason: str) -> DeployOutcome:
         return DeployOutcome(outcome=outcome, url=url, artifact=self.release.artifact, pid=None,
                              previous_artifact=previous, reason=reason,
-                             duration_s=round(time.monotonic() - self.started, 3))
+                             duration_s=round(time.monotonic() - self.started, 3), canary=self.canary_rows)
 
     def elapsed(self) -> str:
         return f"{time.monotonic() - self.started:.1f}s"
@@ -770,9 +1058,10 @@ class _DeploymentDeploy(_Deploy):
         first = self.first_deploy(live, before)
 
         self.ensure_namespace()
-        self.ensure_configmap(self.objs[0])
-        for obj in self.objs[1:]:
-            self.api.apply(obj)
+        self.ensure_configmaps()
+        for obj in self.objs:
+            if obj["kind"] != "ConfigMap":
+                self.api.apply(obj)
 
         ok, why, pods = self.wait(self.want_tpl, time.monotonic() + self.rt.health_timeout_s)
         if ok:
@@ -870,6 +1159,12 @@ class _RolloutDeploy(_Deploy):
 
     kind = "Rollout"
 
+    def __init__(self, rt: KubeRuntime, api: _Api, release: m.Release, objs: list[dict], started: float,
+                 paths: tuple[str, ...] = ("/",)):
+        super().__init__(rt, api, release, objs, started)
+        self.paths = paths  # what the canary traffic requests
+        self.own_requests = (*self.own_requests, *(f'"GET {p}{_TRAFFIC_QUERY} ' for p in paths))
+
     def run(self) -> DeployOutcome:
         live = self.before = self.get_workload()
         art = self.release.artifact
@@ -890,8 +1185,10 @@ class _RolloutDeploy(_Deploy):
             self.remember_stable(stable_tpl)  # before the template changes: the undo must find it after a crash
 
         self.ensure_namespace()
-        self.ensure_configmap(self.objs[0])
-        for obj in self.objs[1:-1]:
+        self.ensure_configmaps()
+        for obj in self.objs[:-1]:
+            if obj["kind"] == "ConfigMap":
+                continue
             if obj["kind"] == "VirtualService":
                 self.ensure_virtual_service(obj)
             else:
@@ -986,9 +1283,21 @@ class _RolloutDeploy(_Deploy):
 
     def watch(self, deadline: float) -> tuple[bool, str, list[_Measure], list[dict]]:
         """Follows the controller through the steps, analysing at each one, until Healthy or a verdict."""
+        traffic = _TrafficAnalysis(self, self.paths)
+        try:
+            return self._watch(deadline, traffic)
+        except _AnalysisError as e:
+            return False, f"canary analysis could not run: {e}", [], []
+        finally:
+            traffic.stop()
+            self.canary_rows = tuple(v.row() for v in traffic.verdicts)
+
+    def _watch(self, deadline: float, traffic: _TrafficAnalysis) -> tuple[bool, str, list[_Measure], list[dict]]:
         steps = self.workload["spec"]["strategy"]["canary"]["steps"]
+        art = self.release.artifact
         measures: list[_Measure] = []
         seen_step, pods, last = None, [], "the controller has not picked up the new template yet"
+        judged_step = None  # the step whose arrival closed a traffic window with enough requests
         while True:
             ro = self.get_workload()
             if ro is None:
@@ -1007,30 +1316,58 @@ class _RolloutDeploy(_Deploy):
                     return False, f"a pod of the new revision failed: {failure[0]}", measures, [failure[1]]
                 phase, step = st.get("phase"), st.get("currentStepIndex")
                 last = f"phase {phase}, step {step}/{len(steps)}, {st.get('message') or 'no message'}"
-                if st.get("stableRS") == h and phase == "Healthy":
+                stable_hash = st.get("stableRS")
+                # A canary against a stable revision (a first revision skips the steps, as in Argo).
+                canary_on = stable_hash not in (None, h)
+                # Past the last step (the gate lifted) the controller is promoting: nothing is left to judge.
+                in_steps = canary_on and phase != "Healthy" and isinstance(step, int) and step < len(steps)
+                if in_steps:
+                    stable_pods = self.pods_of(self.api.get("ReplicaSet", self.ns, f"{self.name}-{stable_hash}"))
+                    early = traffic.update(pods, stable_pods, self.weights()[1] or 0)
+                    if early is not None:
+                        x = traffic.measure("as the requests came in (error rate only)", early)
+                        return False, rollback_reason(art, early), [*measures, x], pods
+                else:
+                    traffic.pause()
+                if stable_hash == h and phase == "Healthy":
                     done = self.analyse("promoted (100% to the new revision)", pods)
                     listed, why_not = self.in_service(m.stable_service(self.name), pods)
                     if done.ok and listed:
                         return True, "", [*measures, done], pods
                     last = done.text if not done.ok else why_not
-                elif isinstance(step, int) and step != seen_step and st.get("stableRS") not in (None, h):
-                    # A canary against a stable revision (a first revision skips the steps, as in Argo).
+                elif isinstance(step, int) and step != seen_step and canary_on:
                     seen_step = step
                     if step >= 1:
-                        x = self.analyse(f"after step {step - 1} ({m.step_summary(steps[step - 1])})", pods)
+                        label = f"after step {step - 1} ({m.step_summary(steps[step - 1])})"
+                        x = self.analyse(label, pods)
                         measures.append(x)
                         if not x.ok:
                             return False, f"analysis failed {x.label}", measures, pods
+                        # The window since the last verdict; one with too few requests carries on into the next.
+                        judged, verdict = traffic.close(label) if in_steps else (None, None)
+                        if judged is not None:
+                            measures.append(judged)
+                            judged_step = step
+                            if not judged.ok:
+                                return False, rollback_reason(art, verdict), measures, pods
                 waits_for_us = (isinstance(step, int) and step < len(steps) and "pause" in steps[step]
                                 and "duration" not in steps[step]["pause"])
                 if phase == "Paused" and st.get("pauseConditions") and waits_for_us:
-                    x = self.analyse(f"paused at step {step}", pods)
-                    measures.append(x)
-                    if not x.ok:
-                        return False, f"analysis failed {x.label}", measures, pods
-                    # `kubectl argo rollouts promote`: the analysis passed, resume the steps.
-                    self.api.patch(self.kind, self.ns, self.name, {"status": {"pauseConditions": None}},
-                                   sub="status")
+                    label = f"paused at step {step}"
+                    judged, verdict = (None, None) if judged_step == step else traffic.close(label)
+                    if judged_step == step or judged is not None:
+                        x = self.analyse(label, pods)
+                        measures += [x] if judged is None else [x, judged]
+                        if not x.ok:
+                            return False, f"analysis failed {x.label}", measures, pods
+                        if judged is not None and not judged.ok:
+                            return False, rollback_reason(art, verdict), measures, pods
+                        # `kubectl argo rollouts promote`: the analysis passed, resume the steps.
+                        self.api.patch(self.kind, self.ns, self.name, {"status": {"pauseConditions": None}},
+                                       sub="status")
+                        judged_step = None
+                    else:
+                        last = f"paused at step {step}, waiting for {traffic.policy.min_requests} canary requests"
                 if phase == "Degraded":
                     return False, f"the Rollout is Degraded: {st.get('message')}", measures, pods
             if time.monotonic() >= deadline:

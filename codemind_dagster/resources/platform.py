@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from codemind_dagster.domain.intent import Intent
     from codemind_dagster.domain.loadtest import LoadTestResult
     from codemind_dagster.resources.artifacts import LocalArtifactStore
+    from codemind_dagster.resources.canary import CanaryRollout
     from codemind_dagster.resources.graph import SqlGraphStore
     from codemind_dagster.resources.intent_store import IntentStore
     from codemind_dagster.resources.llm.router import ModelRouter
@@ -44,11 +45,39 @@ class PromotionPolicyResource(dg.ConfigurableResource):
     dr_max_validation_age_s: float | None = None
     loadtest_duration_s: float = 3.0
     loadtest_concurrency: int = 4
+    canary_steps: str = "10,50,100"
+    canary_pause_s: float = 2.0
+    prometheus_url: str | None = None
 
     @classmethod
     def from_settings(cls, s: Settings) -> PromotionPolicyResource:
         return cls(dr_max_validation_age_s=s.dr_max_validation_age_s, loadtest_duration_s=s.loadtest_duration_s,
-                   loadtest_concurrency=s.loadtest_concurrency)
+                   loadtest_concurrency=s.loadtest_concurrency, canary_steps=s.canary_steps,
+                   canary_pause_s=s.canary_pause_s, prometheus_url=s.prometheus_url)
+
+    def rollout(self, intent: Intent, environment: str) -> CanaryRollout:
+        """The canary production gets: the configured steps, read-only traffic on the intent's collections."""
+        from codemind_dagster.domain.canary import AnalysisPolicy, parse_steps
+        from codemind_dagster.resources.canary import CanaryRollout, ProxyWindow
+        from codemind_dagster.resources.loadtest import Workload
+
+        paths = tuple(sorted({load.path for load in Workload(intent).entities.values()
+                              if "list" in load.spec.operations})) or ("/",)
+        window = ProxyWindow
+        if self.prometheus_url:
+            from codemind_dagster.resources.canary_prometheus import PrometheusWindow
+
+            url = self.prometheus_url
+
+            def window(metrics_url: str):
+                # Pinned to the proxy now running: a restarted proxy must be scraped before a step counts.
+                return PrometheusWindow(url, intent.name, environment, metrics_url=metrics_url)
+
+        slo = intent.spec.slo
+        return CanaryRollout(steps=parse_steps(self.canary_steps, self.canary_pause_s), policy=AnalysisPolicy(),
+                             paths=paths, p95_latency_ms=slo.p95_latency_ms if slo else None,
+                             availability=slo.availability if slo else None, window=window,
+                             concurrency=self.loadtest_concurrency)
 
     def load_test(self, url: str, intent: Intent) -> LoadTestResult:
         """Drive the intent's mixed workload at `url` for the configured duration and concurrency."""

@@ -8,6 +8,7 @@ import dagster as dg
 
 from codemind_dagster.resources.aws_cost import AwsCostResource
 from codemind_dagster.resources.backups import BackupStoreResource
+from codemind_dagster.resources.embeddings import SimilarIntentsResource
 from codemind_dagster.resources.platform import (
     ArtifactStoreResource,
     DatabaseResource,
@@ -35,6 +36,7 @@ def local_resources(s: Settings) -> dict[str, Any]:
         "intent_store": IntentStoreResource(database=db, directory=str(s.intents_dir)),
         "artifacts": ArtifactStoreResource(root=str(s.artifacts_dir)),
         "graph_store": GraphStoreResource(database=db),
+        "similar_intents": SimilarIntentsResource(database=db),
         "llm": ModelRouterResource(database=db, daily_budget_usd=s.daily_llm_budget_usd,
                                    run_budget_usd=s.run_llm_budget_usd, routing=s.llm_routing,
                                    routes_json=s.llm_routes, secret_id=s.aws_secret_id,

@@ -1,4 +1,4 @@
-"""Blue/green proxy: forwards each new connection to the backend named in a target file, with HTTP metrics."""
+"""Blue/green and canary proxy: forwards each new connection to a backend of a target file, by weight, with metrics."""
 
 # Stdlib only and no imports from the package: the runtime starts this on every environment's
 # first deploy (and after a reboot), so it has to be up in a few tens of milliseconds. The metric
@@ -22,8 +22,8 @@ from typing import NamedTuple
 _BUFFER = 65536
 _CONNECT_TIMEOUT_S = 5.0
 _MAX_HEAD = 65536  # a head longer than this is not read as HTTP (it is still forwarded)
-_NO_ANSWER = "none"
-_ROUTE_CACHE = 4096  # distinct paths remembered  # status label of a request whose connection closed before its answer
+_NO_ANSWER = "none"  # status label of a request whose connection closed before its answer
+_ROUTE_CACHE = 4096  # distinct paths remembered
 
 
 def _load_support():
@@ -51,38 +51,79 @@ class Backend(NamedTuple):
         return self.host, self.port
 
 
+class Weighted(NamedTuple):
+    """A backend and its share of new connections (any non-negative numbers; 0: none)."""
+
+    backend: Backend
+    weight: int
+
+
+class Picker:
+    """Smooth weighted round robin: over any run of `sum(weights)` connections each backend gets exactly its weight."""
+
+    def __init__(self, targets: tuple[Weighted, ...]) -> None:
+        self.targets = targets
+        self._live = [t for t in targets if t.weight > 0]
+        self._total = sum(t.weight for t in self._live)
+        self._current = [0] * len(self._live)
+
+    def pick(self) -> Backend | None:
+        # Deterministic rather than random, so a 10 % canary gets 10 of every 100 connections, not roughly that.
+        if not self._live:
+            return None
+        best = 0
+        for i, t in enumerate(self._live):
+            self._current[i] += t.weight
+            if self._current[i] > self._current[best]:
+                best = i
+        self._current[best] -= self._total
+        return self._live[best].backend
+
+
 class TargetFile:
-    """The backend written in a file as `host:port [version [color]]`, re-read only when the file changes."""
+    """The backends written in a file, one `host:port [version [color [weight]]]` per line, re-read on change."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._signature: tuple[int, int, int] | None = None
-        self._backend: Backend | None = None
+        self._picker = Picker(())
 
-    def current(self) -> Backend | None:
+    def current(self) -> Picker:
         try:
             st = os.stat(self.path)
         except OSError:
-            self._signature = self._backend = None
-            return None
+            self._signature = None
+            self._picker = Picker(())
+            return self._picker
         # The runtime replaces the file (new inode), so two writes within one mtime tick still differ.
         signature = (st.st_ino, st.st_mtime_ns, st.st_size)
         if signature != self._signature:
-            self._backend = read_target(self.path)
+            self._picker = Picker(read_target(self.path))
             self._signature = signature
-        return self._backend
+        return self._picker
 
 
-def read_target(path: str) -> Backend | None:
+def read_target(path: str) -> tuple[Weighted, ...]:
+    """The backends of a target file; a line without a weight weighs 100, an unreadable file or line means none."""
     try:
         with open(path, encoding="utf-8") as f:
-            words = f.read().split()
-        if not words:
-            return None
-        host, _, port = words[0].rpartition(":")
-        return Backend(host, int(port), *words[1:3]) if host else None
+            lines = f.read().splitlines()
+        out = []
+        for line in lines:
+            words = line.split()
+            if not words:
+                continue
+            host, _, port = words[0].rpartition(":")
+            if not host:
+                return ()
+            weight = int(words[3]) if len(words) > 3 else 100
+            if weight < 0:
+                return ()
+            out.append(Weighted(Backend(host, int(port), *words[1:3]), weight))
+        return tuple(out)
     except (OSError, ValueError):
-        return None
+        # Half a file is worse than none: the runtime writes whole files, so this is someone's hand edit.
+        return ()
 
 
 # ---- metrics ----------------------------------------------------------------------------------
@@ -133,12 +174,18 @@ class ProxyMetrics:
         lines += ["# HELP codemind_proxy_backend_connect_errors_total Client connections the backend refused.",
                   "# TYPE codemind_proxy_backend_connect_errors_total counter"]
         lines += [f"codemind_proxy_backend_connect_errors_total{support.labels(names, k)} {n}" for k, n in errors]
-        backend = self.target.current() if self.target else None
-        lines += ["# HELP codemind_proxy_target_info The backend new connections go to.",
+        targets = self.target.current().targets if self.target else ()
+        lines += ["# HELP codemind_proxy_target_info The backends new connections go to.",
                   "# TYPE codemind_proxy_target_info gauge"]
-        if backend is not None:
+        weights = ["# HELP codemind_proxy_target_weight Each backend's share of new connections, in percent.",
+                   "# TYPE codemind_proxy_target_weight gauge"]
+        total = sum(t.weight for t in targets)
+        for backend, weight in targets:
             values = (backend.version, backend.color, f"{backend.host}:{backend.port}")
-            lines.append(f"codemind_proxy_target_info{support.labels((*names, 'address'), values)} 1")
+            label = support.labels((*names, "address"), values)
+            lines.append(f"codemind_proxy_target_info{label} 1")
+            weights.append(f"codemind_proxy_target_weight{label} {support.number(100 * weight / total if total else 0)}")
+        lines += weights
         return support.exposition(lines + support.process_metrics())
 
 
@@ -428,7 +475,7 @@ def serve_forever(listener: socket.socket, target: TargetFile) -> None:
             time.sleep(0.1)
             continue
         # Read after accept, so a connection made after the target was replaced reaches the new backend.
-        backend = target.current()
+        backend = target.current().pick()
         if backend is None:
             client.close()
             continue
@@ -490,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics = parser.add_mutually_exclusive_group()
     metrics.add_argument("--metrics-fd", type=int, help="inherited listening socket for GET /metrics")
     metrics.add_argument("--metrics-listen", help="HOST:PORT to serve GET /metrics on")
-    parser.add_argument("--target-file", required=True, help="file holding the backend as HOST:PORT [VERSION [COLOR]]")
+    parser.add_argument("--target-file", required=True,
+                        help="file holding the backends, one HOST:PORT [VERSION [COLOR [WEIGHT]]] per line")
     args = parser.parse_args(argv)
     listener = _listener(args.fd, args.listen)
     host, port = listener.getsockname()[:2]

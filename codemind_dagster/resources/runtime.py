@@ -21,10 +21,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import psutil
 
 from codemind_dagster.settings import PUBLIC_PORTS, check_port_range
+
+if TYPE_CHECKING:
+    from codemind_dagster.domain.canary import CanaryStep, StepAnalysis
 
 # Launched by path with -I so the proxy imports neither this package nor site customisations.
 PROXY_SCRIPT = Path(__file__).with_name("proxy.py")
@@ -71,6 +75,7 @@ class RuntimeStatus:
     findings: tuple[str, ...] = ()  # hand edits detected against what the platform applied
     metrics_url: str | None = None  # the proxy's GET /metrics, per backend version; the service's is url + /metrics
     faults: tuple[tuple[str, str], ...] = ()  # CODEMIND_FAULT_* the live version was started with
+    rollout: str | None = None  # a canary in progress: "canary 10% of ARTIFACT"
 
 
 @dataclass(frozen=True)
@@ -82,10 +87,20 @@ class DeployOutcome:
     previous_artifact: str | None
     reason: str
     duration_s: float
+    canary: tuple[dict, ...] = ()  # one row per canary step analysed (StepAnalysis.row()), in order
 
     @property
     def ok(self) -> bool:
         return self.outcome in ("deployed", "unchanged")
+
+
+class Rollout(Protocol):
+    """What a canary deploy asks of its caller: the steps, and a verdict on each (see resources/canary.py)."""
+
+    steps: tuple[CanaryStep, ...]
+
+    def analyze(self, step: CanaryStep, *, url: str, metrics_url: str, stable: str,
+                canary: str) -> StepAnalysis: ...
 
 
 @dataclass(frozen=True)
@@ -165,36 +180,52 @@ class LocalRuntime:
         artifact: str,
         bundle_dir: Path,
         env: Mapping[str, str] | None = None,
+        rollout: Rollout | None = None,
     ) -> DeployOutcome:
+        """Start the artifact beside the live version and switch to it once healthy (with `rollout`: step by step)."""
         started = time.monotonic()
         paths = self._paths(service, environment)
         bundle_dir = _check_bundle(bundle_dir)
-        faults = _faults_of(env or {})  # a bad setting is refused before anything changes
-        with self._locked(paths):
-            _reap_children()
-            state = _load_state(paths) or _new_state(service, environment)
-            self._ensure_proxy(paths, state)
-            adopted = self._recover(paths, state, artifact, faults)
-            live = state.get("live")
-            if adopted is None and self._serves(paths, state, live, artifact, faults):
-                reason = f"{artifact} is already live and healthy"
-                return self._outcome(state, "unchanged", artifact, live, artifact, reason, started)
-            try:
-                if adopted is None:
-                    new = self._start(paths, state, artifact, bundle_dir, env or {})
-                    why = self._wait_healthy(new)
-                else:
-                    new, why = adopted, None
-                if why is None:
-                    why = self._cut_over(paths, state, new)
-                if why is not None:
-                    return self._roll_back(paths, state, new, why, started)
-                return self._promote(paths, state, new, started, adopted=adopted is not None)
-            except BaseException:
-                # Interrupted (run terminated, Ctrl-C, I/O error): leave the previous version serving.
-                if state.get("pending"):
-                    self._discard_pending(paths, state)
-                raise
+        faults = faults_of(env or {})  # a bad setting is refused before anything changes
+        try:
+            with self._locked(paths):
+                return self._deploy(paths, service, environment, artifact, bundle_dir, env or {}, faults, rollout,
+                                    started)
+        finally:
+            self._sync_monitoring()
+
+    def _deploy(self, paths: _Paths, service: str, environment: str, artifact: str, bundle_dir: Path,
+                env: Mapping[str, str], faults: dict, rollout: Rollout | None, started: float) -> DeployOutcome:
+        """deploy() under the environment's lock."""
+        _reap_children()
+        state = _load_state(paths) or _new_state(service, environment)
+        self._ensure_proxy(paths, state)
+        adopted = self._recover(paths, state, artifact, faults)
+        live = state.get("live")
+        if adopted is None and self._serves(paths, state, live, artifact, faults):
+            reason = f"{artifact} is already live and healthy"
+            return self._outcome(state, "unchanged", artifact, live, artifact, reason, started)
+        try:
+            if adopted is None:
+                new = self._start(paths, state, artifact, bundle_dir, env)
+                why = self._wait_healthy(new)
+            else:
+                new, why = adopted, None
+            steps: list[StepAnalysis] = []
+            if why is None and rollout is not None and _owned(live) and rollout.steps:
+                self._sync_monitoring()  # so Prometheus scrapes the canary's own /metrics too
+                why = self._canary(paths, state, live, new, rollout, steps)
+            if why is None:
+                why = self._cut_over(paths, state, new)
+            rows = tuple(a.row() for a in steps)
+            if why is not None:
+                return self._roll_back(paths, state, new, why, started, canary=rows)
+            return self._promote(paths, state, new, started, adopted=adopted is not None, canary=rows)
+        except BaseException:
+            # Interrupted (run terminated, Ctrl-C, I/O error): leave the previous version serving.
+            if state.get("pending"):
+                self._discard_pending(paths, state)
+            raise
 
     def status(self, service: str, environment: str) -> RuntimeStatus | None:
         state = _load_state(self._paths(service, environment))
@@ -214,8 +245,11 @@ class LocalRuntime:
         paths = self._paths(service, environment)
         if not paths.state.exists():
             return False
-        with self._locked(paths):
-            return self._stop_locked(paths, sweep=True)
+        try:
+            with self._locked(paths):
+                return self._stop_locked(paths, sweep=True)
+        finally:
+            self._sync_monitoring()
 
     def stop_all(self) -> int:
         """Stop every environment under root; returns how many had a process running."""
@@ -226,10 +260,17 @@ class LocalRuntime:
                 stopped += self._stop_locked(paths, sweep=False)
         # One scan for anything a killed deployer started but never recorded.
         _terminate_all(_tagged(self.root), self.stop_grace_s)
+        self._sync_monitoring()
         return stopped
 
     def url(self, port: int) -> str:
         return f"http://{self.host}:{port}"
+
+    def _sync_monitoring(self) -> None:
+        """Prometheus' targets file follows what runs (only once `make monitoring-up` made its directory)."""
+        from codemind_dagster.resources.scrape_targets import sync_targets
+
+        sync_targets(self.root, host=self.host)
 
     # ---- deploy steps -----------------------------------------------------------------------
 
@@ -326,7 +367,7 @@ class LocalRuntime:
         return _probe(self.host, state["port"], 1.0)[0]
 
     def _start(self, paths: _Paths, state: dict, artifact: str, bundle_dir: Path, extra_env: Mapping) -> dict:
-        faults = _faults_of(extra_env)
+        faults = faults_of(extra_env)
         live = state.get("live") or {}
         color = "green" if live.get("color") == "blue" else "blue"
         release = _stage_release(paths, color, bundle_dir)
@@ -385,6 +426,30 @@ class LocalRuntime:
             time.sleep(pause)
             pause = min(pause * 1.5, 0.25)
 
+    def _canary(self, paths: _Paths, state: dict, live: dict, new: dict, rollout: Rollout,
+                steps: list[StepAnalysis]) -> str | None:
+        """Shift traffic to `new` step by step; None when every step passed, else why it went back to `live`."""
+        from codemind_dagster.domain.canary import rollback_reason
+
+        metrics_url = f"{self.url(state['proxy']['metrics_port'])}/metrics"
+        for step in rollout.steps:
+            new["phase"] = f"canary {step.weight}%"
+            _save_state(paths, state)
+            _write_target(paths, self.host, live, canary=new, weight=step.weight)
+            try:
+                verdict = rollout.analyze(step, url=self.url(state["port"]), metrics_url=metrics_url,
+                                          stable=live["color"], canary=new["color"])
+            except Exception as e:  # noqa: BLE001 - a canary nobody could judge is not let through
+                _write_target(paths, self.host, live)
+                return f"canary analysis at {step.weight}% could not run: {type(e).__name__}: {e}"
+            steps.append(verdict)
+            if not verdict.passed:
+                # All traffic back to stable before anything else; the canary is stopped afterwards, in-flight
+                # requests still finishing on it.
+                _write_target(paths, self.host, live)
+                return rollback_reason(new["artifact"], verdict)
+        return None
+
     def _cut_over(self, paths: _Paths, state: dict, new: dict) -> str | None:
         new["phase"] = "cutover"
         _save_state(paths, state)
@@ -402,7 +467,7 @@ class LocalRuntime:
         return _probe(self.host, state["port"], 1.0)
 
     def _promote(
-        self, paths: _Paths, state: dict, new: dict, started: float, *, adopted: bool
+        self, paths: _Paths, state: dict, new: dict, started: float, *, adopted: bool, canary: tuple = ()
     ) -> DeployOutcome:
         old = state.get("live")
         new.pop("phase", None)
@@ -417,20 +482,27 @@ class LocalRuntime:
         how = "adopted the process an interrupted deploy had started" if adopted else "started"
         replaced = f", replaced {old['artifact']}" if old else ""
         reason = f"{how} on port {new['port']} behind {self.url(state['port'])}{replaced}"
+        if canary:
+            shares = ", ".join(f"{r['weight']}%" for r in canary)
+            reason += f" after a canary of {len(canary)} steps ({shares})"
         return self._outcome(
-            state, "deployed", new["artifact"], new, old and old["artifact"], reason, started
+            state, "deployed", new["artifact"], new, old and old["artifact"], reason, started, canary
         )
 
-    def _roll_back(self, paths: _Paths, state: dict, new: dict, why: str, started: float) -> DeployOutcome:
+    def _roll_back(self, paths: _Paths, state: dict, new: dict, why: str, started: float,
+                   canary: tuple = ()) -> DeployOutcome:
         old = state.get("live")
         self._discard_pending(paths, state)
         tail = _log_tail(Path(new["log"]))
         log_part = (
             f"\n--- last lines of {new['log']} ---\n{tail}" if tail else f"\n(log {new['log']} is empty)"
         )
+        if canary:
+            log_part = ""  # the analysis's figures say why; the log of a version that ran fine adds nothing
         if _owned(old):
             reason = f"{new['artifact']} rolled back: {why}; {old['artifact']} keeps serving.{log_part}"
-            return self._outcome(state, "rolled_back", new["artifact"], old, old["artifact"], reason, started)
+            return self._outcome(state, "rolled_back", new["artifact"], old, old["artifact"], reason, started,
+                                 canary)
         if old is None:
             # Nothing ever served here: leave nothing running, keep only the port choice.
             _terminate(state["proxy"], self.stop_grace_s, self.root)
@@ -461,6 +533,7 @@ class LocalRuntime:
         previous: str | None,
         reason: str,
         started: float,
+        canary: tuple = (),
     ) -> DeployOutcome:
         return DeployOutcome(
             outcome=outcome,
@@ -470,6 +543,7 @@ class LocalRuntime:
             previous_artifact=previous,
             reason=reason,
             duration_s=round(time.monotonic() - started, 3),
+            canary=canary,
         )
 
     # ---- stop / status ----------------------------------------------------------------------
@@ -513,6 +587,7 @@ class LocalRuntime:
             started_at=live["started_at"],
             metrics_url=f"{self.url(metrics_port)}/metrics" if metrics_port else None,
             faults=tuple(sorted(live.get("faults", {}).items())),
+            rollout=_rollout_of(state.get("pending")),
         )
 
     # ---- files ------------------------------------------------------------------------------
@@ -556,6 +631,11 @@ def _new_state(service: str, environment: str) -> dict:
     }
 
 
+def _rollout_of(pending: dict | None) -> str | None:
+    phase = (pending or {}).get("phase") or ""
+    return f"{phase} of {pending['artifact'][:12]}" if phase.startswith("canary") and _owned(pending) else None
+
+
 def _new_record(**fields) -> dict:
     return {"tag": secrets.token_hex(8), "pid": None, "create_time": None, "started_at": _now(), **fields}
 
@@ -581,14 +661,20 @@ def _save_state(paths: _Paths, state: dict) -> None:
     _atomic_write(paths.state, json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
-def _write_target(paths: _Paths, host: str, record: dict | None) -> None:
-    """Point the proxy at a version's process (`host:port artifact color`), or at nothing."""
+def _write_target(paths: _Paths, host: str, record: dict | None, *, canary: dict | None = None,
+                  weight: int = 0) -> None:
+    """Point the proxy at a version's process (`host:port artifact color`), or at nothing; or split by weight."""
     # The proxy reads whitespace-separated words; an artifact name never has any, but must not break it.
     text = ""
-    if record:
-        words = [f"{host}:{record['port']}"]
-        words += ["_".join(str(record.get(k) or "-").split()) for k in ("artifact", "color")]
-        text = " ".join(words) + "\n"
+    lines = [(record, None)] if canary is None else [(record, 100 - weight), (canary, weight)]
+    for rec, share in lines:
+        if not rec:
+            continue
+        words = [f"{host}:{rec['port']}"]
+        words += ["_".join(str(rec.get(k) or "-").split()) for k in ("artifact", "color")]
+        if share is not None:
+            words.append(str(share))
+        text += " ".join(words) + "\n"
     with contextlib.suppress(FileNotFoundError):
         if paths.target.read_text() == text:
             return
@@ -621,7 +707,7 @@ def _stage_release(paths: _Paths, color: str, bundle_dir: Path) -> Path:
     return release
 
 
-def _faults_of(env: Mapping[str, str]) -> dict[str, str]:
+def faults_of(env: Mapping[str, str]) -> dict[str, str]:
     """The CODEMIND_FAULT_* settings a deploy asks for, checked; a bad value is a DeployError naming it."""
     from codemind_dagster.resources.service_support import FAULT_VARS, FaultConfigError, Faults
 

@@ -172,3 +172,17 @@ budget_alerts = sa.Table(
     sa.Column("at", TS, nullable=False),
     sa.UniqueConstraint("scope", "threshold_percent", name="uq_budget_alert"),
 )
+
+intent_embeddings = sa.Table(
+    "intent_embeddings", metadata,
+    sa.Column("intent", sa.String(64), primary_key=True),
+    sa.Column("content_hash", sa.String(64), primary_key=True),  # of the embedded text: a re-run reuses the row
+    sa.Column("model", sa.String(128), primary_key=True),
+    sa.Column("dim", sa.Integer, nullable=False),
+    # float32 little-endian: BLOB in SQLite, bytea in PostgreSQL, 1.5 KiB a row at 384 dimensions.
+    sa.Column("vector", sa.LargeBinary, nullable=False),
+    sa.Column("summary", sa.Text, nullable=False),
+    # The neighbours chosen when this row was made: reused so an unchanged intent's prompts stay identical.
+    sa.Column("neighbours", sa.JSON),
+    sa.Column("created_at", TS, nullable=False),
+)
