@@ -495,3 +495,22 @@ def test_a_bundle_file_named_like_the_layer_does_not_replace_it(rt: LocalRuntime
     assert rt.deploy(service="shop", environment="dev", artifact="v1", bundle_dir=shop_bundle).ok
     text = httpx.get(f"{rt.status('shop', 'dev').url}/metrics", timeout=10).text
     assert "http_requests_total" in text
+
+
+def test_proxy_stops_on_sigterm_even_when_its_parent_ignored_it(tmp_path: Path) -> None:
+    """An ignored SIGTERM is inherited across exec; the proxy must still stop when the runtime asks."""
+    import signal
+
+    target = tmp_path / "target"
+    target.write_text("127.0.0.1:9 v1 blue\n")
+    argv = [sys.executable, "-I", str(PROXY), "--listen", f"127.0.0.1:{free_port()}", "--target-file", str(target)]
+    ignore_then_exec = "import os, signal, sys; signal.signal(signal.SIGTERM, signal.SIG_IGN); os.execv(sys.argv[1], sys.argv[1:])"
+    proc = subprocess.Popen([sys.executable, "-c", ignore_then_exec, *argv], stderr=subprocess.PIPE)
+    try:
+        assert b"listening on" in proc.stderr.readline()
+        proc.terminate()
+        assert proc.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()

@@ -11,6 +11,7 @@
 import argparse
 import importlib.util
 import os
+import signal
 import socket
 import sys
 import threading
@@ -540,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-file", required=True,
                         help="file holding the backends, one HOST:PORT [VERSION [COLOR [WEIGHT]]] per line")
     args = parser.parse_args(argv)
+    # The runtime stops the proxy with SIGTERM; an ignore inherited from whoever started us must not outlive that.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     listener = _listener(args.fd, args.listen)
     host, port = listener.getsockname()[:2]
     target = TargetFile(args.target_file)
