@@ -136,20 +136,11 @@ def test_required_self_reference_is_never_created(examples):
     assert work.entities["Plant"].operations() == ["list"]
 
 
-@pytest.fixture
-def runtime(tmp_path: Path):
-    rt = LocalRuntime(tmp_path / "runtime", health_timeout_s=30, stop_grace_s=3)
-    try:
-        yield rt
-    finally:
-        rt.stop_all()
-
-
-def test_load_test_on_a_generated_service(tmp_path: Path, runtime: LocalRuntime, examples):
+def test_load_test_on_a_generated_service(tmp_path: Path, rt: LocalRuntime, examples):
     intent = read_intent_file(examples / "loyalty-points.yaml")
     bundle = tmp_path / "bundle"
     write_bundle(bundle, render_service(intent))
-    out = runtime.deploy(service=intent.name, environment="staging", artifact="a" * 64, bundle_dir=bundle)
+    out = rt.deploy(service=intent.name, environment="staging", artifact="a" * 64, bundle_dir=bundle)
     assert out.ok, out.reason
     result = run_load_test(out.url, intent, duration_s=1.0, concurrency=2, seed=3)
     # Every request the workload sends is valid by the intent, so a correct service answers all of them.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Protocol
@@ -223,13 +223,6 @@ def _labels(text: str) -> dict[str, str]:
         out[name] = "".join(value)
         i = j + 1
     return out
-
-
-def served_shares(stats: Iterable[tuple[str, WindowStats]]) -> dict[str, float]:
-    """Each colour's share of the requests answered, in percent."""
-    rows = list(stats)
-    total = sum(s.requests for _, s in rows)
-    return {c: 100.0 * s.requests / total for c, s in rows} if total else {}
 
 
 def _round(value: float | None, digits: int) -> float | None:

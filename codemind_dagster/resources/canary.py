@@ -116,8 +116,8 @@ class CanaryRollout:
         ends = started + step.pause_s
         latest = started + max(step.pause_s * _EXTEND_PAUSES, _MIN_EXTENSION_S)
         # Cheap enough to count from the proxy every half second; Prometheus is only asked once, at the end.
-        probe = ProxyWindow(metrics_url)
-        probe_since = probe.begin()
+        probe = window if isinstance(window, ProxyWindow) else ProxyWindow(metrics_url)
+        probe_since = since if probe is window else probe.begin()
         last_probe = [started]
 
         def done() -> bool:
